@@ -1,0 +1,131 @@
+"""torchao: weights as tensor subclasses (int8 weight-only; int4 weight-only where torchao runs it).
+
+Quantizes through transformers' ``TorchAoConfig``; the layers stay ``nn.Linear`` with a quantized weight tensor, and
+transformers saves them with safetensors.
+"""
+
+from __future__ import annotations
+
+from qadapt.backend import Option, QuantBackend
+from qadapt.capabilities import declare, no, yes
+from qadapt.errors import BackendUnavailableError
+from qadapt.hookspecs import hookimpl
+
+INT4_NOT_TRAINABLE = no(
+    "PEFT's torchao LoRA layer accepts only int8 weights (it raises TypeError on Int4Tensor)",
+    "Use scheme='int8_weight_only' to train adapters, or bnb bits=4 for a trainable 4-bit base",
+)
+
+
+class TorchAOBackend(QuantBackend):
+    name = "torchao"
+    summary = "torchao tensor-subclass weights (int8 weight-only; int4 weight-only on CUDA)"
+    requires = ("torchao",)
+    distribution = "torchao"
+    install_hint = "pip install 'qadapt[torchao]'"
+    options = (
+        Option("scheme", "int8_weight_only", "torchao quantization scheme", choices=("int8_weight_only", "int4_weight_only")),
+        Option("group_size", 128, "int4 group size (int4_weight_only only)", choices=(32, 64, 128, 256)),
+    )
+
+    def capabilities(self, options):
+        if options["scheme"] == "int4_weight_only":
+            refusal = {method: INT4_NOT_TRAINABLE for method in ("lora", "dora", "vera", "adalora", "ia3")}
+            return declare(
+                train=refusal,
+                requantize=no("no adapter can be trained on int4"),
+                dequantize=no("no adapter can be trained on int4"),
+                save=no("no adapter can be trained on int4"),
+            )
+        nn_linear = "the layer stays nn.Linear, so PEFT's {} layer wraps it"
+        return declare(
+            train={
+                "lora": yes("PEFT's TorchaoLoraLinear"),
+                "dora": yes(nn_linear.format("DoRA")),
+                "vera": yes(nn_linear.format("VeRA")),
+                "adalora": yes(nn_linear.format("AdaLoRA")),
+                "ia3": yes(nn_linear.format("IA3")),
+            },
+            requantize=yes("torchao quantizes the merged weight again with the same config"),
+            dequantize=yes("the weight tensor's own dequantize()"),
+            save=yes("transformers serializes torchao int8 weights with safetensors"),
+        )
+
+    def _config(self, options):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+        if options["scheme"] == "int4_weight_only":
+            return Int4WeightOnlyConfig(group_size=options["group_size"])
+        return Int8WeightOnlyConfig()
+
+    def quantize(self, model, options, calibration=None):
+        import torch
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+
+        from qadapt._hf import as_pretrained_dir, model_dtype, quiet_transformers
+
+        if options["scheme"] == "int4_weight_only" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "backend 'torchao' with scheme='int4_weight_only'",
+                "torchao's int4 weight-only layout needs a CUDA GPU (on CPU its weight conversion fails)",
+                "Use scheme='int8_weight_only' on CPU",
+            )
+        quiet_transformers()
+        dtype = model_dtype(model)
+        device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
+        with as_pretrained_dir(model) as path:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, device_map=device_map, quantization_config=TorchAoConfig(self._config(options))
+            )
+
+    def load(self, path, options):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from qadapt._hf import quiet_transformers
+
+        quiet_transformers()
+        return AutoModelForCausalLM.from_pretrained(path, device_map="cuda:0" if torch.cuda.is_available() else "cpu")
+
+    def save(self, model, path, options):
+        model.save_pretrained(path, safe_serialization=True)
+
+    def quantized_layer_types(self):
+        # torchao keeps nn.Linear and swaps its weight for a tensor subclass: the layers are matched by weight type.
+        return ()
+
+    def is_quantized_layer(self, module):
+        return _is_subclass_weight(module)
+
+    def dequantize(self, module):
+        return module.weight.dequantize().float()
+
+    def requantize(self, module, weight):
+        import torch
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        from qadapt._hf import clone_module
+
+        holder = torch.nn.Sequential(torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+        with torch.no_grad():
+            holder[0].weight.copy_(weight.to(module.weight.dtype))
+        holder = holder.to(module.weight.device, module.weight.dtype)
+        quantize_(holder, Int8WeightOnlyConfig())
+        clone = clone_module(module)
+        clone.weight = holder[0].weight
+        return clone
+
+
+def _is_subclass_weight(module):
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear) or weight is None:
+        return False
+    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    return type(data) is not torch.Tensor and hasattr(data, "dequantize")
+
+
+@hookimpl
+def register_backends(register):
+    register(TorchAOBackend())

@@ -1,0 +1,177 @@
+"""Attaching PEFT adapters to a quantized model: the config for each method, target selection, fast dispatch."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from .capabilities import METHODS
+from .errors import InvalidOptionError
+
+#: The PEFT dispatchers (in ``peft.tuners.lora.model``) each built-in backend's layers need. While attaching, qadapt
+#: stubs out the others: PEFT otherwise imports every installed backend library on every attach (seconds).
+PEFT_DISPATCHERS = {
+    "none": (),
+    "bnb": ("bnb",),
+    "hqq": ("dispatch_hqq",),
+    "torchao": ("dispatch_torchao",),
+    "gptq": ("dispatch_gptq",),
+    "awq": ("dispatch_awq",),
+    "aqlm": ("dispatch_aqlm",),
+    "eetq": ("dispatch_eetq",),
+    "inc": (),
+}
+_SKIPPABLE = (
+    "dispatch_eetq",
+    "dispatch_aqlm",
+    "dispatch_awq",
+    "dispatch_gptq",
+    "dispatch_hqq",
+    "dispatch_inc",
+    "dispatch_torchao",
+    "dispatch_megatron",
+    "dispatch_transformer_engine",
+)
+_patch_lock = threading.Lock()
+
+
+def target_names(model, backend, target_modules) -> list[str]:
+    """Resolve ``target_modules`` to full module names.
+
+    ``"all-linear"`` means every ``nn.Linear`` and every quantized layer of ``backend`` except the output head: PEFT's
+    own ``"all-linear"`` misses layer classes it does not know (HQQLinear, INC's and AQLM's layers).
+    """
+    import torch
+
+    if target_modules != "all-linear":
+        return target_modules
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [
+        name
+        for name, module in model.named_modules()
+        if module is not head
+        and name
+        and (isinstance(module, torch.nn.Linear) or backend.is_quantized_layer(module))
+        and not _inside_quantized(name, model, backend)
+    ]
+    if not names:
+        raise InvalidOptionError(
+            "target_modules='all-linear'", "the model has no linear or quantized layers to adapt", "Name target_modules"
+        )
+    return names
+
+
+def _inside_quantized(name, model, backend) -> bool:
+    # A quantized layer may hold an nn.Linear child of its own; target the quantized layer, not its parts.
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if backend.is_quantized_layer(model.get_submodule(".".join(parts[:i]))):
+            return True
+    return False
+
+
+def peft_config(method: str, targets, model, options: dict[str, Any]):
+    """The PEFT config for ``method`` with qadapt's defaults, overridden by ``options``."""
+    import peft
+
+    options = dict(options)
+    if method in ("lora", "dora"):
+        options.setdefault("r", 8)
+        options.setdefault("lora_alpha", 2 * options["r"])
+        options.setdefault("lora_dropout", 0.0)
+        return _build(peft.LoraConfig, method, targets, options, use_dora=method == "dora")
+    if method == "vera":
+        options.setdefault("r", 64)
+        return _build(peft.VeraConfig, method, targets, options)
+    if method == "adalora":
+        options.setdefault("init_r", 12)
+        options.setdefault("target_r", 8)
+        if "total_step" not in options:
+            raise InvalidOptionError(
+                "attach 'adalora'",
+                "AdaLoRA's rank schedule needs the number of training steps",
+                "Pass total_step=<optimizer steps> (and call model.base_model.update_and_allocate(step) after each step)",
+            )
+        return _build(peft.AdaLoraConfig, method, targets, options)
+    if method == "ia3":
+        if "feedforward_modules" not in options:
+            options["feedforward_modules"] = _feedforward(model, targets)
+        return _build(peft.IA3Config, method, targets, options)
+    raise InvalidOptionError(f"attach {method!r}", "unknown adapter method", f"Choose one of {', '.join(METHODS)}")
+
+
+def _build(config_cls, method, targets, options, **fixed):
+    import dataclasses
+
+    valid = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise InvalidOptionError(
+            f"attach {method!r} with {unknown[0]}={options[unknown[0]]!r}",
+            f"{config_cls.__name__} has no option '{unknown[0]}'",
+            "See the PEFT documentation of " + config_cls.__name__,
+        )
+    try:
+        return config_cls(task_type="CAUSAL_LM", target_modules=targets, **fixed, **options)
+    except (ValueError, TypeError) as exc:
+        raise InvalidOptionError(f"attach {method!r}", str(exc), "Fix the adapter options") from exc
+
+
+def _feedforward(model, targets) -> list[str]:
+    """IA3 scales the *input* of feed-forward output projections and the output of everything else; use PEFT's own
+    per-architecture list of those projections."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as MAPPING
+
+    suffixes = MAPPING.get(getattr(model.config, "model_type", ""), [])
+    if isinstance(targets, str):
+        return []
+    return [t for t in targets if t.rsplit(".", 1)[-1] in suffixes]
+
+
+@contextmanager
+def fast_dispatch(backend_name: str):
+    """Skip PEFT's dispatchers for backends other than ``backend_name`` while attaching.
+
+    PEFT tries every backend it knows for every layer, importing each installed backend library (about 2,000 modules
+    with all of them installed). The model's layers can only match its own backend's dispatcher, so the others are
+    stubbed for the duration of the call. Unknown (third-party) backends get PEFT's full dispatch.
+    """
+    needed = PEFT_DISPATCHERS.get(backend_name)
+    if needed is None:
+        yield
+        return
+    import importlib
+
+    patches = []
+    lora = importlib.import_module("peft.tuners.lora.model")
+    for name in _SKIPPABLE:
+        if name not in needed and hasattr(lora, name):
+            patches.append((lora, name, _no_dispatch))
+    if "bnb" not in needed:
+        for module_name in ("peft.tuners.lora.model", "peft.tuners.ia3.model", "peft.tuners.adalora.model", "peft.tuners.vera.model"):
+            module = importlib.import_module(module_name)
+            for flag in ("is_bnb_available", "is_bnb_4bit_available"):
+                if hasattr(module, flag):
+                    patches.append((module, flag, _false))
+    with _patch_lock, ExitStack() as stack:
+        for module, name, value in patches:
+            original = getattr(module, name)
+            setattr(module, name, value)
+            stack.callback(setattr, module, name, original)
+        yield
+
+
+def _no_dispatch(target, adapter_name, config=None, **kwargs):
+    return None
+
+
+def _false(*args, **kwargs):
+    return False
+
+
+def register_custom_layers(config, backend) -> None:
+    """Give a LoRA config the backend's own LoRA layer classes for layer types PEFT does not know."""
+    custom = backend.peft_layer_types()
+    if custom and hasattr(config, "_register_custom_module"):
+        config._register_custom_module(custom)

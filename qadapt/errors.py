@@ -1,0 +1,51 @@
+"""The one error type qadapt raises when it refuses: what was asked, why not, what to do instead."""
+
+from __future__ import annotations
+
+
+class QadaptError(Exception):
+    """A refusal, raised before any weight or file is changed.
+
+    :param asked: what the user asked for, in their words (``"merge 'ia3' on backend 'gptq'"``).
+    :param reason: why it cannot be done.
+    :param hint: what to do instead (may be empty).
+    """
+
+    def __init__(self, asked: str, reason: str, hint: str = "") -> None:
+        self.asked = asked
+        self.reason = reason
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        message = f"{self.asked}: {self.reason.rstrip('.')}."
+        if self.hint:
+            message += f" {self.hint.rstrip('.')}."
+        return message
+
+    def to_dict(self) -> dict:
+        return {"error": type(self).__name__, "asked": self.asked, "reason": self.reason, "hint": self.hint}
+
+
+class UnknownBackendError(QadaptError, LookupError):
+    """No plugin registered a backend of that name."""
+
+
+class BackendUnavailableError(QadaptError):
+    """The backend is registered but its library cannot run in this environment."""
+
+
+class InvalidOptionError(QadaptError, ValueError):
+    """An option the backend does not know, or a value it does not accept."""
+
+
+class IncompatibleError(QadaptError):
+    """The capability table says no to this backend x method x operation."""
+
+
+class MergeRefusedError(QadaptError):
+    """A merge was measured and refused (its error exceeded ``max_error``); the model is unchanged."""
+
+
+class CheckpointError(QadaptError):
+    """A saved folder is missing a file, holds a corrupt one, or would overwrite user files."""

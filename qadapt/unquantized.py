@@ -1,0 +1,50 @@
+"""The full-precision "backend": what qadapt uses for a model that no quantization backend loaded.
+
+It is not a plugin (nothing to install, nothing to list): it lets attach, merge and save treat a plain model like any
+other, with every capability supported.
+"""
+
+from __future__ import annotations
+
+from .backend import QuantBackend
+from .capabilities import METHODS, declare, yes
+
+
+class Unquantized(QuantBackend):
+    name = "none"
+    summary = "full precision (no quantization)"
+
+    def capabilities(self, options):
+        return declare(
+            train={method: yes("a plain nn.Linear") for method in METHODS},
+            requantize=yes("full-precision weights take any merge exactly"),
+            dequantize=yes("the weight is already full precision"),
+            save=yes("saved with safetensors like any transformers model"),
+        )
+
+    def quantized_layer_types(self):
+        return ()
+
+    def dequantize(self, module):
+        return module.weight.detach().float()
+
+    def requantize(self, module, weight):
+        from ._hf import clone_module
+        import torch
+
+        clone = clone_module(module)
+        clone.weight = torch.nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
+        return clone
+
+    def save(self, model, path, options):
+        from ._hf import save_full_precision
+
+        save_full_precision(model, path)
+
+    def load(self, path, options):
+        from ._hf import load_full_precision
+
+        return load_full_precision(path)
+
+
+UNQUANTIZED = Unquantized()
