@@ -44,7 +44,13 @@ class BitsAndBytesBackend(QuantBackend):
         return declare(
             train={
                 "lora": yes("PEFT's bitsandbytes LoRA layers"),
-                "dora": yes("PEFT's DoRA de-quantizes the weight for its norm"),
+                "dora": yes("PEFT's DoRA de-quantizes the weight for its norm")
+                if options["bits"] == 4
+                else no(
+                    "DoRA on 8-bit bitsandbytes fails in bitsandbytes' MatMul8bitLt backward (AttributeError on its "
+                    "weight state; seen with peft 0.21, bitsandbytes 0.50)",
+                    "Use bits=4 for DoRA, or method='lora' on 8-bit",
+                ),
                 "vera": yes("PEFT's bitsandbytes VeRA layers"),
                 "adalora": yes("PEFT's bitsandbytes AdaLoRA layers"),
                 "ia3": yes("PEFT's bitsandbytes IA3 layers"),
@@ -53,6 +59,10 @@ class BitsAndBytesBackend(QuantBackend):
             dequantize=yes("bitsandbytes de-quantizes 4-bit and 8-bit weights exactly"),
             save=yes("transformers serializes bitsandbytes weights with safetensors"),
         )
+
+    def forward_tolerance(self, options):
+        # LLM.int8's forward casts activations to float16 and rounds them to int8 too.
+        return 0.02 if options["bits"] == 8 else super().forward_tolerance(options)
 
     # ------------------------------------------------------------------ heavy work
     def _config(self, options):

@@ -69,7 +69,8 @@ class HQQBackend(QuantBackend):
     def _make(self, linear, quant_config, compute_dtype, device):
         from hqq.core.quantize import HQQLinear
 
-        return HQQLinear(linear, quant_config=quant_config, compute_dtype=compute_dtype, device=device, del_orig=False)
+        # del_orig frees the full-precision weight as each layer is quantized (an in-memory model is converted in place).
+        return HQQLinear(linear, quant_config=quant_config, compute_dtype=compute_dtype, device=device, del_orig=True)
 
     def save(self, model, path, options):
         from safetensors.torch import save_file

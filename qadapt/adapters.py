@@ -19,7 +19,7 @@ PEFT_DISPATCHERS = {
     "gptq": ("dispatch_gptq",),
     "awq": ("dispatch_awq",),
     "aqlm": ("dispatch_aqlm",),
-    "eetq": ("dispatch_eetq",),
+    "eetq": (),  # qadapt's own layer, through LoRA's custom-module hook
     "inc": (),
 }
 _SKIPPABLE = (
@@ -148,6 +148,11 @@ def fast_dispatch(backend_name: str):
     for name in _SKIPPABLE:
         if name not in needed and hasattr(lora, name):
             patches.append((lora, name, _no_dispatch))
+    if backend_name not in ("gptq", "awq"):
+        # PEFT asks "is this a gptqmodel layer?" of every layer that is not nn.Linear, importing gptqmodel to know.
+        utils = importlib.import_module("peft.tuners.tuners_utils")
+        if hasattr(utils, "is_gptqmodel_quant_linear"):
+            patches.append((utils, "is_gptqmodel_quant_linear", _false))
     if "bnb" not in needed:
         for module_name in ("peft.tuners.lora.model", "peft.tuners.ia3.model", "peft.tuners.adalora.model", "peft.tuners.vera.model"):
             module = importlib.import_module(module_name)

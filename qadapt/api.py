@@ -62,7 +62,7 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         loaded = quant.load(model, resolved)
     else:
         batches = _calibration_batches(calibration, tokenizer)
-        if quant.requires_calibration and not batches:
+        if quant.needs_calibration(resolved) and not batches:
             raise InvalidOptionError(
                 f"quantize with backend '{backend}'",
                 f"'{backend}' needs calibration data",

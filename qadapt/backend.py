@@ -139,6 +139,10 @@ class QuantBackend:
         """Override to refuse combinations that single options cannot express. Return the options."""
         return options
 
+    def needs_calibration(self, options: dict[str, Any]) -> bool:
+        """Does :meth:`quantize` need calibration data with these options? Default: :attr:`requires_calibration`."""
+        return self.requires_calibration
+
     # ----------------------------------------------------------------- capabilities
     def capabilities(self, options: dict[str, Any]) -> Table:
         """The full ``{(method, operation): Support}`` table for these options (see :func:`qadapt.capabilities.declare`)."""
@@ -153,6 +157,14 @@ class QuantBackend:
         from .capabilities import MERGE_STRATEGIES
 
         return self.capabilities(options)[(method, MERGE_STRATEGIES[strategy])]
+
+    def forward_tolerance(self, options: dict[str, Any]) -> float:
+        """How far (relative output error) this backend's own forward may be from ``x @ dequantize(W).T``.
+
+        Merges are measured against the unmerged adapter model, which computes ``deq(W) x + adapter(x)`` through the
+        backend's forward. A backend whose forward also rounds activations (LLM.int8) declares that here, and the
+        conformance kit allows a de-quantized merge that much difference."""
+        return 1e-4
 
     # ----------------------------------------------------------------- heavy work
     def quantize(self, model: Any, options: dict[str, Any], calibration: Any = None) -> "torch.nn.Module":

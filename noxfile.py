@@ -1,0 +1,121 @@
+"""Test sessions and the compatibility matrix.
+
+    nox -s tests            the default suite (bnb, hqq, torchao, the example plugin): what README's test command runs
+    nox -t ci               everything CI runs: tests + each backend alone in its own environment
+    nox -t backends         each backend extra alone: nox -s "backend(gptq)"
+    nox -t compat           the oldest and newest supported PEFT x transformers pairs
+    nox -s demo             set up and run `qadapt demo`
+    nox -s matrix           `qadapt matrix --verify` per backend environment -> docs/compatibility.md
+    nox -s bench_attach     attach overhead with every backend installed vs plain PEFT with none
+
+Every environment installs the tested torch (constraints.txt) before anything else: unpinned, pip pulls a CUDA build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+CONSTRAINTS = ("-c", "constraints.txt")
+TORCH = "torch==2.13.0"
+EXAMPLE_PLUGIN = "examples/qadapt-rowwise-int8"
+#: extras per backend session; eetq has no installable build here, its session tests the honest refusal and the
+#: torch route for EETQ-format checkpoints.
+BACKENDS = {
+    "bnb": "bnb",
+    "hqq": "hqq",
+    "torchao": "torchao",
+    "gptq": "gptq",
+    "awq": "awq",
+    "aqlm": "aqlm",
+    "inc": "inc",
+    "eetq": None,
+}
+#: (peft, transformers): the oldest supported pair (pyproject's lower bounds) and the newest tested.
+COMPAT = [("0.17.0", "4.57.0"), ("0.21.2", "5.23.0")]
+ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def install(session, *extras, constraints=True):
+    session.install(TORCH)
+    spec = f".[{','.join(('test',) + extras)}]"
+    session.install("-e", spec, *(CONSTRAINTS if constraints else ()))
+
+
+def pytest(session, *args):
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *args, *session.posargs, env=ENV)
+
+
+@nox.session(tags=["ci"])
+def tests(session):
+    """The default suite: core, bnb, hqq, torchao and the example third-party plugin."""
+    install(session, "bnb", "hqq", "torchao")
+    session.install("-e", EXAMPLE_PLUGIN, "--no-deps")
+    pytest(session, "tests", "-m", "not gpu", "--ignore-glob=tests/test_gptq.py", "--ignore-glob=tests/test_awq.py",
+           "--ignore-glob=tests/test_aqlm.py", "--ignore-glob=tests/test_inc.py", "--ignore-glob=tests/test_eetq.py")
+
+
+@nox.session(tags=["backends", "ci"])
+@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
+def backend(session, backend):
+    """One backend's extra alone in its own environment: its tests and its capability table."""
+    extra = BACKENDS[backend]
+    install(session, *((extra,) if extra else ()))
+    tests_file = f"tests/test_{backend}.py"
+    selection = [tests_file] if os.path.exists(tests_file) else []
+    pytest(session, *selection, "tests/test_capabilities.py", "-k", backend, "-m", "not gpu")
+
+
+@nox.session(tags=["compat"])
+@nox.parametrize("peft,transformers", COMPAT, ids=[f"peft{p}-tf{t}" for p, t in COMPAT])
+def compat(session, peft, transformers):
+    """The core suite against one PEFT x transformers pair (with bnb, hqq, torchao)."""
+    session.install(TORCH)
+    session.install(f"peft=={peft}", f"transformers=={transformers}", "-c", "constraints-compat.txt")
+    session.install("-e", ".[test,bnb,hqq,torchao]", "-c", "constraints-compat.txt")
+    session.run("python", "-c", "import peft, transformers; print('peft', peft.__version__, 'transformers', transformers.__version__)")
+    pytest(session, "tests/test_capabilities.py", "tests/test_workflow.py", "tests/test_bad_input.py")
+
+
+@nox.session
+def demo(session):
+    """Set up and run the offline demo."""
+    install(session, "bnb", "hqq", "torchao")
+    session.run("qadapt", "demo", env=ENV)
+
+
+@nox.session(tags=["matrix"])
+@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
+def matrix(session, backend):
+    """`qadapt matrix --verify` for one backend in its own environment; writes docs/matrix/<backend>-cpu.json."""
+    extra = BACKENDS[backend]
+    install(session, *((extra,) if extra else ()))
+    os.makedirs("docs/matrix", exist_ok=True)
+    session.run("qadapt", "matrix", "--verify", "--backend", backend, "--output", f"docs/matrix/{backend}-cpu.json",
+                env=ENV, success_codes=[0, 1])
+
+
+@nox.session(name="matrix-docs")
+def matrix_docs(session):
+    """Render docs/compatibility.md from the recorded runs in docs/matrix/."""
+    session.install(TORCH)
+    session.install("-e", ".", *CONSTRAINTS)
+    session.run("python", "-m", "qadapt.compat_docs", "docs/matrix", "docs/compatibility.md")
+
+
+@nox.session(name="bench_attach")
+def bench_attach(session):
+    """Attach overhead: qadapt with every backend installed vs peft.get_peft_model with none (two environments)."""
+    session.install(TORCH)
+    session.install("-e", ".[all]", "optimum", *CONSTRAINTS)
+    plain = os.path.join(session.create_tmp(), "plain")
+    session.run("python", "-m", "venv", plain, external=True)
+    pip = os.path.join(plain, "bin", "pip")
+    session.run(pip, "install", "-q", TORCH, external=True)
+    session.run(pip, "install", "-q", "-e", ".", *CONSTRAINTS, external=True)
+    session.run("python", "bench/attach_overhead.py", "--plain-python", os.path.join(plain, "bin", "python"), env=ENV)

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny Llama and a tokenizer built offline, once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from qadapt import toy
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return toy.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny full-precision Llama saved as a transformers folder (safetensors)."""
+    return toy.save_model(toy.build_model(), tmp_path_factory.mktemp("tiny") / "llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def batches(tokenizer):
+    return toy.token_batches(tokenizer, batch_size=2, seq_len=32, count=4)
+
+
+def backend_ready(name: str):
+    """Skip unless backend ``name`` is registered and can run here; the skip says why."""
+    import qadapt
+    from qadapt.plugins import backends
+
+    if name not in backends():
+        pytest.skip(f"backend '{name}' is not registered (its plugin failed to load, see `qadapt doctor`)")
+    env = qadapt.get_backend(name).check_environment()
+    if not env.ok:
+        pytest.skip(f"backend '{name}' cannot run here: {env.reason}")
+
+
+def cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; results of the last GPU run are in docs/gpu-runs.md")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,103 @@
+"""The README's workflow, end to end: load -> attach -> train -> merge -> save -> load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qadapt
+
+from .conftest import backend_ready
+
+
+def test_readme_workflow_with_a_plain_pytorch_loop(tiny_dir, batches, tmp_path):
+    backend_ready("bnb")
+    model = qadapt.load(tiny_dir, backend="bnb", bits=4, quant_type="nf4", double_quant=True)
+    model = qadapt.attach(model, "lora", r=16, target_modules="all-linear")
+    import peft
+
+    assert isinstance(model, peft.PeftModel)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=batches[0], labels=batches[0]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=batches[1]).logits
+    report = qadapt.merge(model)
+    assert report.backend == "bnb" and report.method == "lora" and len(report.layers) == 14
+    assert 0 < report.output_error < 1
+    qadapt.unmerge(model)
+    qadapt.save(model, tmp_path / "out")
+    restored = qadapt.load(tmp_path / "out")
+    restored.eval()
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=batches[1]).logits, before)
+    assert isinstance(restored, peft.PeftModel)
+
+
+def test_transformers_trainer_trains_the_adapter(tiny_dir, batches, tmp_path):
+    backend_ready("torchao")
+    from transformers import Trainer, TrainingArguments
+
+    model = qadapt.attach(qadapt.load(tiny_dir, backend="torchao"), "lora")
+    rows = [{"input_ids": row, "labels": row} for batch in batches for row in batch]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    result = Trainer(model=model, args=args, train_dataset=rows).train()
+    assert result.global_step == 3
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def test_merged_model_saves_without_adapter_and_reloads(tiny_dir, batches, tmp_path):
+    backend_ready("hqq")
+    model = qadapt.attach(qadapt.load(tiny_dir, backend="hqq", bits=4, group_size=64), "lora", init_lora_weights=False)
+    model.eval()
+    report = qadapt.merge(model)
+    with torch.no_grad():
+        merged = model(input_ids=batches[1]).logits
+    qadapt.save(model, tmp_path / "merged")
+    manifest = qadapt.checkpoint.read_manifest(str(tmp_path / "merged"))
+    assert manifest["adapter"] is None and manifest["merged"]["strategy"] == "requantize"
+    assert manifest["merged"]["report"]["output_error"] == pytest.approx(report.output_error)
+    restored = qadapt.load(tmp_path / "merged")
+    assert not hasattr(restored, "peft_config")
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=batches[1]).logits, merged)
+
+
+def test_dequantized_merge_ships_a_plain_transformers_model(tiny_dir, batches, tmp_path):
+    backend_ready("bnb")
+    model = qadapt.attach(qadapt.load(tiny_dir, backend="bnb"), "ia3", init_ia3_weights=False)
+    model.eval()
+    with torch.no_grad():
+        reference = model(input_ids=batches[1]).logits
+    report = qadapt.merge(model, "dequantize")
+    assert report.output_error < 1e-4 and all(layer.kept == 1.0 for layer in report.layers)
+    qadapt.save(model, tmp_path / "fp")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "fp" / "base")
+    assert all(type(m) is not torch.nn.Module and "bitsandbytes" not in type(m).__module__ for m in plain.modules())
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=batches[1]).logits, reference, atol=1e-4)
+
+
+def test_in_memory_models_are_quantized_without_touching_the_original(batches):
+    backend_ready("bnb")
+    from qadapt import toy
+
+    original = toy.build_model()
+    weights = {k: v.clone() for k, v in original.state_dict().items()}
+    qadapt.load(original, backend="bnb")
+    assert all(torch.equal(weights[k], v) for k, v in original.state_dict().items())
