@@ -54,7 +54,8 @@ def save(model, path: str, *, overwrite: bool = False) -> str:
             backend.save(inner, os.path.join(staging, "base"), options)
         adapter = None
         if record.method and merged is None:
-            model.save_pretrained(os.path.join(staging, "adapter"), safe_serialization=True)
+            # qadapt targets linear layers; full embedding layers are saved only when asked for (no hub look-up).
+            model.save_pretrained(os.path.join(staging, "adapter"), safe_serialization=True, save_embedding_layers=False)
             adapter_dir = os.path.join(staging, "adapter")
             _flatten_adapter_dir(adapter_dir, record.adapter_name)
             _write_json(os.path.join(adapter_dir, PROVENANCE), {"method": record.method, **record.describe()})

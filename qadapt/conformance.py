@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from .capabilities import METHODS
-from .errors import QadaptError
+from .errors import BackendUnavailableError, QadaptError
 
 
 @dataclass
@@ -37,12 +37,12 @@ class CellResult:
     method: str
     operation: str
     declared: bool
-    outcome: str  # "passed", "refused as declared", "failed", "skipped"
+    outcome: str  # "passed", "refused as declared", "failed...", "skipped", "unavailable"
     detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("passed", "refused as declared", "skipped")
+        return self.outcome in ("passed", "refused as declared", "skipped", "unavailable")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +90,10 @@ def check_backend(
     for method in methods:
         try:
             quantized = api.load(model_factory(), backend, calibration=calibration, **options)
+        except BackendUnavailableError as exc:  # e.g. an option set that needs a GPU, on a CPU machine
+            for operation in ("train", "merge", "merge_dequantized", "unmerge", "save"):
+                record(method, operation, "unavailable", str(exc))
+            continue
         except Exception as exc:  # quantization itself failed: every cell of this method fails
             for operation in ("train", "merge", "merge_dequantized", "unmerge", "save"):
                 record(method, operation, "failed", f"quantize: {type(exc).__name__}: {exc}")
