@@ -11,15 +11,12 @@ import json
 import os
 
 from qadapt.backend import Option, QuantBackend
-from qadapt.capabilities import declare, no, yes
+from qadapt.capabilities import declare, yes
 from qadapt.hookspecs import hookimpl
 
 LAYOUT_FILE = "hqq_layers.json"
 WEIGHTS_FILE = "model.safetensors"
-PEFT_ONLY_LORA = no(
-    "PEFT has no HQQ layer for this method (only LoRA and DoRA wrap HQQLinear)",
-    "Use method='lora' (or 'dora') on HQQ, or a backend whose layers are nn.Linear, such as torchao",
-)
+THROUGH_PROXY = "PEFT has no HQQ layer for {}: qadapt presents HQQLinear as nn.Linear (forward unchanged)"
 
 
 class HQQBackend(QuantBackend):
@@ -28,6 +25,7 @@ class HQQBackend(QuantBackend):
     requires = ("hqq.core.quantize",)
     distribution = "hqq"
     install_hint = "pip install 'qadapt[hqq]'"
+    proxy_methods = ("vera", "adalora", "ia3")
     options = (
         Option("bits", 4, "bits per weight", choices=(1, 2, 3, 4, 8)),
         Option("group_size", 64, "weights sharing one scale and zero", choices=(16, 32, 64, 128, 256)),
@@ -39,9 +37,9 @@ class HQQBackend(QuantBackend):
             train={
                 "lora": yes("PEFT's HqqLoraLinear"),
                 "dora": yes("PEFT's HqqLoraLinear with use_dora"),
-                "vera": PEFT_ONLY_LORA,
-                "adalora": PEFT_ONLY_LORA,
-                "ia3": PEFT_ONLY_LORA,
+                "vera": yes(THROUGH_PROXY.format("VeRA")),
+                "adalora": yes(THROUGH_PROXY.format("AdaLoRA")),
+                "ia3": yes(THROUGH_PROXY.format("IA3")),
             },
             requantize=yes("HQQ re-quantizes the merged weight with the same bits and group size"),
             dequantize=yes("HQQLinear.dequantize()"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import adapters, checkpoint, merging
+from . import adapters, checkpoint, merging, proxy
 from .capabilities import MERGE_STRATEGIES, METHODS
 from .errors import BackendUnavailableError, IncompatibleError, InvalidOptionError, MergeRefusedError, QadaptError
 from .plugins import get_backend
@@ -114,10 +114,22 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
     targets = adapters.target_names(model, backend, target_modules)
     config = adapters.peft_config(method, targets, model, options)
     adapters.register_custom_layers(config, backend)
+    if method in backend.proxy_methods:
+        proxy.wrap(model, proxy_targets(model, targets), backend)
     with adapters.fast_dispatch(backend.name):
         peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     record.method, record.adapter_name = method, adapter_name
     return peft_model
+
+
+def proxy_targets(model, targets) -> list[str]:
+    """Full names of the modules that ``targets`` (full names, suffixes, or a regex string, as PEFT takes them) match."""
+    import re
+
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        return [name for name in names if re.fullmatch(targets, name)]
+    return [name for name in names if any(name == t or name.endswith("." + t) for t in targets)]
 
 
 def _on(action: str, record: Record) -> str:
@@ -156,7 +168,7 @@ def merge(model, strategy: str = "requantize", *, max_error: float | None = None
         reference = model(input_ids=batch).logits
         try:
             for name, layer in _tuner_layers(inner, record.adapter_name):
-                base = layer.get_base_layer()
+                base = proxy.unwrap(layer.get_base_layer())
                 weight = backend.dequantize(base)
                 new_weight, bias_scale = merging.merged_weight(layer, record.method, record.adapter_name, weight)
                 new_base = (

@@ -92,6 +92,9 @@ class QuantBackend:
     options: tuple[Option, ...] = ()
     #: True if :meth:`quantize` needs calibration data
     requires_calibration: bool = False
+    #: adapter methods PEFT has no layer for on this backend, for which qadapt presents the quantized layers as
+    #: ``nn.Linear`` (see :mod:`qadapt.proxy`); declare them trainable in :meth:`capabilities` only once verified
+    proxy_methods: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- environment
     def check_environment(self) -> Environment:

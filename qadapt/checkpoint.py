@@ -103,12 +103,14 @@ def _without_tuner_layers(inner):
     """Temporarily put each tuner layer's base layer in its place, so the base saves as a plain quantized model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from .proxy import unwrap
+
     swapped = []
     for name, module in list(inner.named_modules()):
         if isinstance(module, BaseTunerLayer):
             parent, _, child = name.rpartition(".")
             holder = inner.get_submodule(parent) if parent else inner
-            setattr(holder, child, module.get_base_layer())
+            setattr(holder, child, unwrap(module.get_base_layer()))
             swapped.append((holder, child, module))
     try:
         yield inner
@@ -216,6 +218,11 @@ def load_adapter(model, adapter_dir: str, *, strict: bool = True, is_trainable: 
     backend = backend_of(record)
     config = peft.PeftConfig.from_pretrained(adapter_dir)
     adapters.register_custom_layers(config, backend)
+    if provenance["method"] in backend.proxy_methods:
+        from .api import proxy_targets
+        from .proxy import wrap
+
+        wrap(model, proxy_targets(model, config.target_modules), backend)
     try:
         with adapters.fast_dispatch(backend.name):
             peft_model = peft.PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)

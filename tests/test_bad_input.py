@@ -44,15 +44,16 @@ def test_missing_model_folder_is_not_downloaded():
 
 
 def test_incompatible_method_is_refused_before_any_change(tiny_dir):
-    backend_ready("hqq")
-    model = qadapt.load(tiny_dir, backend="hqq")
+    backend_ready("bnb")
+    model = qadapt.load(tiny_dir, backend="bnb", bits=8)
     before = _snapshot(model)
     with pytest.raises(qadapt.IncompatibleError) as raised:
-        qadapt.attach(model, "vera")
+        qadapt.attach(model, "dora")
     error = raised.value
-    assert error.asked == "attach 'vera' on backend 'hqq'"
-    assert "PEFT has no HQQ layer" in error.reason and "lora" in error.hint
+    assert error.asked == "attach 'dora' on backend 'bnb'"
+    assert "MatMul8bitLt backward" in error.reason and "bits=4" in error.hint
     assert _same(before, _snapshot(model))
+    assert not any("lora" in name for name, _ in model.named_modules())
     assert error.to_dict()["error"] == "IncompatibleError"
 
 

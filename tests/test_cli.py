@@ -25,11 +25,12 @@ def test_backends_table_without_checks(capsys):
 
 
 def test_matrix_lists_every_cell(capsys):
-    assert main(["matrix", "--backend", "hqq", "--json"]) == 0
+    assert main(["matrix", "--backend", "bnb", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {(r["method"], r["operation"]) for r in rows} == {(m, o) for m in METHODS for o in OPERATIONS}
-    vera = [r for r in rows if r["method"] == "vera" and r["operation"] == "train"][0]
-    assert vera["supported"] is False and "HQQ" in vera["reason"]
+    eight_bit = [r for r in rows if r["options"] == {"bits": 8}]
+    assert {(r["method"], r["operation"]) for r in eight_bit} == {(m, o) for m in METHODS for o in OPERATIONS}
+    dora = [r for r in eight_bit if r["method"] == "dora" and r["operation"] == "train"][0]
+    assert dora["supported"] is False and "MatMul8bitLt" in dora["reason"] and dora["hint"]
 
 
 def test_matrix_markdown(capsys):

@@ -156,3 +156,17 @@ def test_the_example_third_party_plugin_is_found_listed_and_usable(tiny_dir):
     assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
     model = qadapt.load(tiny_dir, backend="rowwise-int8")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "RowwiseInt8Linear"
+
+
+def test_every_hook_is_documented_under_its_signature():
+    import inspect
+    from pathlib import Path
+
+    from qadapt import hookspecs
+
+    docs = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
+    hooks = [name for name, fn in vars(hookspecs).items() if callable(fn) and hasattr(fn, "qadapt_spec")]
+    assert hooks == ["register_backends"]
+    for name in hooks:
+        params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+        assert f"### `{name}({params})`" in docs
