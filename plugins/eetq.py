@@ -34,10 +34,9 @@ from qadapt.hookspecs import hookimpl
 ROW_PERMUTATION = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
 TILE = 64  # both dimensions must be multiples of this (EETQ's kernels have the same limit)
 WEIGHTS_FILE = "model.safetensors"
-NO_PEFT_HOOK = no(
-    "PEFT 0.21 has no way to plug a custom layer into this method (only LoRA accepts custom layers, through "
-    "LoraConfig._register_custom_module), and PEFT's own EETQ support (EetqLinear) is forward-only",
-    "Use method='lora' on EETQ",
+THROUGH_PROXY = yes(
+    "PEFT has no custom-layer hook for this method and its EETQ support is forward-only: qadapt presents the layer "
+    "as nn.Linear (forward unchanged, weight de-quantized on access)"
 )
 
 
@@ -71,6 +70,7 @@ def library_problem():
 
 class EETQBackend(QuantBackend):
     name = "eetq"
+    proxy_methods = ("dora", "vera", "adalora", "ia3")
     summary = "EETQ int8 weight-only (per-channel); EETQ's CUDA kernels, or its weight format run in torch"
     requires = ()
     distribution = "eetq"
@@ -122,11 +122,11 @@ class EETQBackend(QuantBackend):
         return declare(
             train={
                 "lora": yes("qadapt's LoRA layer for EETQ layers, registered with PEFT's custom-module hook"),
-                "dora": no("PEFT's DoRA reads base_layer.weight, which holds EETQ's preprocessed int8 bytes",
-                           "Use method='lora' on EETQ"),
-                "vera": NO_PEFT_HOOK,
-                "adalora": NO_PEFT_HOOK,
-                "ia3": NO_PEFT_HOOK,
+                "dora": yes("PEFT's DoRA reads base_layer.weight, which holds EETQ's preprocessed bytes: qadapt "
+                            "presents the layer as nn.Linear whose weight is de-quantized on access"),
+                "vera": THROUGH_PROXY,
+                "adalora": THROUGH_PROXY,
+                "ia3": THROUGH_PROXY,
             },
             requantize=yes("per-channel int8 re-quantization of the merged weight, written in EETQ's layout"),
             dequantize=yes("EETQ's layout undone; q * scale in float16, as EETQ's kernel de-quantizes"),

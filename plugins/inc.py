@@ -30,10 +30,9 @@ from qadapt.hookspecs import hookimpl
 LAYOUT_FILE = "inc_layers.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
-NO_PEFT_HOOK = no(
-    "PEFT 0.21 has no way to plug a custom layer into this method (only LoRA/DoRA accept custom layers, through "
-    "LoraConfig._register_custom_module), and it does not know INC's INCWeightOnlyLinear",
-    "Use method='lora' or 'dora' on INC, or a backend whose layers PEFT knows (bnb, torchao)",
+THROUGH_PROXY = yes(
+    "PEFT has no custom-layer hook for this method and does not know INCWeightOnlyLinear: qadapt presents the "
+    "layer as nn.Linear (forward unchanged, weight de-quantized on access)"
 )
 FP8_REASON = (
     "INC's FP8 path (FP8Config) quantizes for Intel Gaudi (HPU) accelerators; on a CPU INC refuses it "
@@ -43,6 +42,7 @@ FP8_REASON = (
 
 class INCBackend(QuantBackend):
     name = "inc"
+    proxy_methods = ("vera", "adalora", "ia3")
     summary = "Intel Neural Compressor weight-only RTN/GPTQ (2-8 bit int, NF4/FP4) on CPU"
     requires = ("neural_compressor.torch.quantization",)
     distribution = "neural-compressor-pt"
@@ -129,9 +129,9 @@ class INCBackend(QuantBackend):
             train={
                 "lora": yes("qadapt's LoRA layer for INCWeightOnlyLinear, registered with PEFT's custom-module hook"),
                 "dora": yes("the same layer with PEFT's DoRA variant (it reads INC's de-quantized weight)"),
-                "vera": NO_PEFT_HOOK,
-                "adalora": NO_PEFT_HOOK,
-                "ia3": NO_PEFT_HOOK,
+                "vera": THROUGH_PROXY,
+                "adalora": THROUGH_PROXY,
+                "ia3": THROUGH_PROXY,
             },
             requantize=yes(
                 "INC's RTN re-quantizes the merged weight with the layer's bits, group size, scheme and dtype "

@@ -17,6 +17,8 @@ CASES = [
     ("bnb", {"bits": 8}),
     ("hqq", {"bits": 4, "group_size": 64}),
     ("torchao", {"scheme": "int8_weight_only"}),
+    ("inc", {"algorithm": "rtn", "bits": 4}),
+    ("eetq", {}),
 ]
 
 

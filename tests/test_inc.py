@@ -204,11 +204,13 @@ def test_qadapt_merge_strategies(method, batches):
 
 
 @pytest.mark.parametrize("method", ["vera", "ia3", "adalora"])
-def test_refused_methods_are_refused_by_peft_itself(method):
-    """The declaration says no because PEFT has no hook for these methods: check PEFT really fails."""
+def test_peft_alone_cannot_wrap_inc_layers_for_these_methods(method):
+    """PEFT has no hook for these methods and fails on INC's layers: qadapt declares them through its nn.Linear
+    proxy instead (tests/test_capabilities.py drives them)."""
     import peft
 
-    assert not BACKEND.capabilities(BACKEND.validate_options({}))[(method, "train")]
+    assert method in BACKEND.proxy_methods
+    assert BACKEND.capabilities(BACKEND.validate_options({}))[(method, "train")]
     model, _ = quantized()
     config = {
         "vera": lambda: peft.VeraConfig(r=8, target_modules=LINEARS),
