@@ -35,6 +35,9 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
     :param backend: the backend's name (``qadapt backends`` lists them).
     :param calibration: for backends that need it: a list of texts (with ``tokenizer``) or of token-id tensors.
     :param options: the backend's options (``qadapt backends --json`` lists them), checked before any work.
+
+    Backends built on transformers' loaders (bnb, torchao, gptq, awq) quantize a copy; backends that replace layers
+    one by one (hqq, inc, aqlm, eetq) convert an in-memory model in place. Pass a path to keep the original.
     """
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
