@@ -11,6 +11,9 @@ from .capabilities import METHODS, OPERATIONS
 VARIANTS = {
     "bnb": [{"bits": 4}, {"bits": 8}],
     "torchao": [{"scheme": "int8_weight_only"}, {"scheme": "int4_weight_only"}],
+    "aqlm": [{"num_codebooks": 2, "nbits_per_codebook": 8}, {"num_codebooks": 1, "nbits_per_codebook": 8},
+             {"num_codebooks": 1, "nbits_per_codebook": 16}],
+    "inc": [{"algorithm": "rtn", "bits": 4}],
 }
 
 

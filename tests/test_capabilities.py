@@ -19,6 +19,8 @@ CASES = [
     ("torchao", {"scheme": "int8_weight_only"}),
     ("inc", {"algorithm": "rtn", "bits": 4}),
     ("eetq", {}),
+    ("aqlm", {"num_codebooks": 2, "nbits_per_codebook": 8}),
+    ("aqlm", {"num_codebooks": 1, "nbits_per_codebook": 16}),
 ]
 
 

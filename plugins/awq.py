@@ -1,0 +1,276 @@
+"""AWQ (activation-aware weight quantization) through GPT-QModel; AutoAWQ is archived upstream and not used.
+
+Quantizing needs a CUDA GPU (gptqmodel's AWQ search raises "AWQ: CUDA is not available" elsewhere): on a machine
+without one, ``quantize`` refuses before any work. Loading AWQ checkpoints (the "gemm" format of AutoAWQ, vLLM and
+transformers: ``qweight``/``qzeros`` packed along the output dimension in AWQ's interleaved order, ``scales``) works
+on CPU and GPU with gptqmodel's pure-PyTorch ``AwqTorchLinear`` (``kernel="torch"``, the default); on CUDA
+``kernel="marlin"`` is faster but repacks the weights (no re-quantizing merge).
+
+AWQ folds its per-channel activation scales into the preceding layers, so a layer's de-quantized weight is the weight
+that layer applies to its (scaled) input: exactly what an adapter on that layer sees, and what a merge must change.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from qadapt.backend import Environment, Option, QuantBackend
+from qadapt.capabilities import declare, no, yes
+from qadapt.errors import BackendUnavailableError, InvalidOptionError
+from qadapt.hookspecs import hookimpl
+
+from . import _gptqmodel_common as common
+
+INSTALL = "pip install 'qadapt[awq]'  (gptqmodel and optimum>=1.24)"
+KERNELS = {"torch": "AWQ_TORCH", "marlin": "AWQ_MARLIN"}
+
+THROUGH_PROXY = (
+    "PEFT has no layer for {} on gptqmodel's AWQ layers: qadapt presents each as nn.Linear (forward unchanged, "
+    "weight de-quantized on access)"
+)
+
+
+class AWQBackend(QuantBackend):
+    name = "awq"
+    proxy_methods = ("dora", "vera", "adalora", "ia3")
+    summary = "AWQ via GPT-QModel (4-bit activation-aware; quantizing needs CUDA, loading runs on CPU too)"
+    requires = ("gptqmodel",)
+    distribution = "gptqmodel"
+    install_hint = INSTALL
+    requires_calibration = True
+    options = (
+        Option("bits", 4, "bits per weight (AWQ checkpoints are 4-bit)", choices=(4,)),
+        Option("group_size", 128, "weights sharing one scale and zero", choices=(32, 64, 128)),
+        Option("zero_point", True, "asymmetric quantization with zero points (AWQ's default)", type=bool),
+        Option("kernel", "torch", "gptqmodel kernel: 'torch' (CPU/CUDA, re-quantizable) or 'marlin' (CUDA, faster)",
+               choices=tuple(KERNELS)),
+        Option("dtype", "float32", "dtype of activations and unquantized weights (scales stay in half precision)",
+               choices=("float32", "bfloat16", "float16")),
+    )
+
+    def check_option_combination(self, options):
+        if options["kernel"] == "marlin":
+            common.require_cuda_for_marlin(self.name)
+        return options
+
+    def check_environment(self) -> Environment:
+        env = common.check_gptqmodel(Environment, self.library_version(), INSTALL)
+        if env.ok and not env.details.get("cuda"):
+            env.details["note"] = "no CUDA GPU: AWQ checkpoints load and train here, quantizing needs a GPU"
+        return env
+
+    def capabilities(self, options):
+        marlin = options.get("kernel") == "marlin"
+        requantize = (
+            no(
+                "the Marlin kernel repacks weights into its own tile layout; qadapt cannot pack a merged weight into it",
+                "Use merge(strategy='dequantize'), or load with kernel='torch' to merge back into AWQ",
+            )
+            if marlin
+            else yes("the merged weight is rounded onto the layer's own grid (scales, zero points); groups it overflows "
+                     "get fresh min-max scales (RTN)")
+        )
+        return declare(
+            train={
+                "lora": yes("PEFT's AwqLoraLinear wraps gptqmodel's AWQ layers"),
+                "dora": yes(THROUGH_PROXY.format("DoRA (its AwqLoraLinear refuses it)")),
+                "vera": yes(THROUGH_PROXY.format("VeRA")),
+                "adalora": yes(THROUGH_PROXY.format("AdaLoRA")),
+                "ia3": yes(THROUGH_PROXY.format("IA3")),
+            },
+            requantize=requantize,
+            dequantize=yes("qweight/qzeros (AWQ order) and scales are unpacked to the float weight"
+                           + (" (read off the kernel's output on the identity matrix)" if marlin else "")),
+            save=yes("the AWQ 'gemm' checkpoint format (safetensors + quantization_config)"),
+        )
+
+    # ------------------------------------------------------------------ heavy work
+    def quantize(self, model, options, calibration=None):
+        import tempfile
+
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "quantize with backend 'awq'",
+                "AWQ quantization needs a CUDA GPU (gptqmodel's AWQ scale search runs only on CUDA)",
+                "Quantize on a GPU machine and load the saved AWQ checkpoint here with qadapt.load(path, backend='awq'), "
+                "or use backend='gptq', which quantizes on CPU",
+            )
+        if not calibration:
+            raise InvalidOptionError("quantize with backend 'awq'", "AWQ needs calibration data",
+                                     "Pass calibration=[texts...] with tokenizer=..., or token-id tensors")
+        gptqmodel = common.import_gptqmodel()
+        from gptqmodel.quantization import AWQConfig
+
+        config = AWQConfig(bits=options["bits"], group_size=options["group_size"], sym=not options["zero_point"],
+                           offload_to_disk=False)
+        half = "float16" if options["dtype"] == "float32" else options["dtype"]
+        with common.source_folder(model) as folder, tempfile.TemporaryDirectory(prefix="qadapt-awq-") as tmp:
+            with common.quiet():
+                wrapper = gptqmodel.GPTQModel.load(folder, config, device=common.device(), dtype=getattr(torch, half))
+                with common.logs_elsewhere():
+                    wrapper.quantize(common.calibration_dicts(calibration))
+            common.save_wrapper(wrapper, tmp)
+            del wrapper
+            return self.load(tmp, options, _keep_source=False)
+
+    def load(self, path, options, _keep_source=True):
+        model = common.load_quantized(path, KERNELS[options["kernel"]], options["dtype"])
+        if not _keep_source:
+            setattr(model, common.SOURCE_ATTR, None)
+        if options["dtype"] == "float32":
+            _compute_in_float32(model)
+        return model
+
+    def save(self, model, path, options):
+        source = getattr(model, common.SOURCE_ATTR, None)
+        if _packed_in_place(model):
+            common.save_state(model, path, _checkpoint_tensors)
+        elif source and os.path.isdir(source):  # Marlin: the base never changes, its checkpoint is the source's
+            for name in os.listdir(source):
+                if name.endswith((".safetensors", ".json")) and name != "qadapt.json":
+                    shutil.copy2(os.path.join(source, name), os.path.join(path, name))
+        else:
+            raise InvalidOptionError(
+                "save an AWQ model running the Marlin kernel", "its packed tensors are in Marlin's layout",
+                "Load the model with kernel='torch' to save it",
+            )
+
+    def is_quantized_checkpoint(self, path):
+        return common.method_of(common.read_quantization_config(path)) == "awq"
+
+    def quantized_layer_types(self):
+        common.import_gptqmodel()
+        from gptqmodel.nn_modules.qlinear import AWQuantLinear
+
+        return (AWQuantLinear,)
+
+    def dequantize(self, module):
+        if _is_awq_packed(module):
+            return dequantize_awq(module)
+        return common.probe_weight(module)
+
+    def requantize(self, module, weight):
+        if not _is_awq_packed(module):
+            raise InvalidOptionError(
+                f"re-quantize a {type(module).__name__} layer", "its weights are repacked for that kernel",
+                "Use merge(strategy='dequantize'), or load with kernel='torch'",
+            )
+        return requantize_awq(module, weight)
+
+
+# ---------------------------------------------------------------------------------------------- AWQ packing
+def _is_awq_packed(module) -> bool:
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    return isinstance(module, AwqTorchLinear)
+
+
+def _packed_in_place(model) -> bool:
+    from gptqmodel.nn_modules.qlinear import AWQuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, AWQuantLinear)]
+    return bool(layers) and all(_is_awq_packed(m) for m in layers)
+
+
+def _checkpoint_tensors(module):
+    from gptqmodel.nn_modules.qlinear import AWQuantLinear
+
+    if not isinstance(module, AWQuantLinear):
+        return None
+    return {"qweight": module.qweight, "qzeros": module.qzeros, "scales": module.scales,
+            "bias": getattr(module, "bias", None)}
+
+
+def _codes_and_zeros(module):
+    """The integer codes (in, out) and zero points (groups, out), undoing AWQ's interleaved packing order."""
+    from gptqmodel.quantization.awq.utils.packing_utils import reverse_awq_order, unpack_awq
+
+    qweight, qzeros = module.qweight.detach(), module.qzeros.detach()
+    codes, zeros = unpack_awq(qweight, qzeros, module.bits, module.out_features)
+    codes, zeros = reverse_awq_order(codes, zeros, module.bits)
+    mask = 2**module.bits - 1
+    return codes & mask, zeros & mask
+
+
+def dequantize_awq(module):
+    """float32 ``(out_features, in_features)``: ``(codes - zeros[group]) * scales[group]``, in float32."""
+    codes, zeros = _codes_and_zeros(module)
+    group = module.group_size if module.group_size > 0 else module.in_features
+    scales = module.scales.detach().float()
+    weight = (codes - zeros.repeat_interleave(group, dim=0)).float() * scales.repeat_interleave(group, dim=0)
+    return weight.T.contiguous()
+
+
+def requantize_awq(module, weight):
+    """A copy of ``module`` holding ``weight`` on the layer's own grid (scales and zero points kept wherever the new
+    weights fit them, fresh min-max ones for groups they overflow; see :func:`common.fit_grid`), packed by
+    gptqmodel's own AWQ packer."""
+    import torch
+
+    device = module.qweight.device
+    group = module.group_size if module.group_size > 0 else module.in_features
+    g_idx = torch.arange(module.in_features) // group
+    _, zeros = _codes_and_zeros(module)
+    scales, zeros = common.fit_grid(weight, module.scales.detach().float().cpu(), zeros.cpu(), g_idx, module.bits, module.sym)
+    # gptqmodel's AWQ packer does not clamp codes to [0, maxq] (an overflow would wrap): clamp the weights first
+    maxq = 2**module.bits - 1
+    step, zero = scales[g_idx].T, zeros[g_idx].T.float()
+    weight = torch.maximum(torch.minimum(weight.float().cpu(), step * (maxq - zero)), -step * zero)
+    new = common.clone_layer(module)
+    linear = common.plain_linear(weight, getattr(module, "bias", None))
+    with torch.inference_mode():
+        new.pack(linear, scales.T.contiguous(), zeros.T.contiguous())
+    new.register_buffer("scales", scales.to(module.scales.dtype))
+    if getattr(module, "bias", None) is not None:
+        new.register_buffer("bias", module.bias.detach().clone().cpu())
+    new = new.to(device)
+    new.post_init()
+    if getattr(module, "_qadapt_float32", False):
+        _compute_in_float32_layer(new)
+    new.train(module.training)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------- float32 compute
+_FLOAT32_CLASS = None
+
+
+def _float32_class():
+    """``AwqTorchLinear`` computing in float32 for float32 inputs (gptqmodel's casts every input to float16)."""
+    global _FLOAT32_CLASS
+    if _FLOAT32_CLASS is None:
+        import torch
+        from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+        class AwqTorchLinearFloat32(AwqTorchLinear):
+            _qadapt_float32 = True
+
+            def forward(self, x):
+                if x.dtype != torch.float32:
+                    return super().forward(x)
+                weight = dequantize_awq(self).T  # (in, out), float32
+                out = torch.matmul(x, weight)
+                if self.bias is not None:
+                    out = out + self.bias.float()
+                return out
+
+        _FLOAT32_CLASS = AwqTorchLinearFloat32
+    return _FLOAT32_CLASS
+
+
+def _compute_in_float32_layer(module) -> None:
+    if _is_awq_packed(module) and type(module).__name__ == "AwqTorchLinear":
+        module.__class__ = _float32_class()
+
+
+def _compute_in_float32(model) -> None:
+    for module in model.modules():
+        _compute_in_float32_layer(module)
+
+
+@hookimpl
+def register_backends(register):
+    register(AWQBackend())
