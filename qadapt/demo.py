@@ -8,48 +8,14 @@ import sys
 import tempfile
 import time
 
+from .memory import storage_bytes
+
 #: what the demo runs per backend: (options, calibration needed)
 DEMO_OPTIONS = {
     "bnb": {"bits": 4, "quant_type": "nf4", "double_quant": True},
     "hqq": {"bits": 4, "group_size": 64},
     "torchao": {"scheme": "int8_weight_only"},
 }
-
-
-def weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer as stored, counting tensor subclasses' inner tensors (torchao) and packed
-    storage (bitsandbytes, HQQ): unlike ``get_memory_footprint()``, which reports the full-precision size for torchao."""
-    import torch
-
-    seen, total = set(), 0
-
-    def add(tensor):
-        nonlocal total
-        if not isinstance(tensor, torch.Tensor):
-            return
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-            names, _ = tensor.__tensor_flatten__()
-            for name in names:
-                add(getattr(tensor, name))
-            return
-        key = (tensor.untyped_storage().data_ptr(), tensor.dtype) if tensor.device.type != "meta" else id(tensor)
-        if key in seen:
-            return
-        seen.add(key)
-        total += tensor.untyped_storage().nbytes() if tensor.device.type != "meta" else 0
-
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        add(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor)
-        state = getattr(tensor, "quant_state", None)  # bitsandbytes keeps absmax etc. beside the weight
-        if state is not None:
-            for value in vars(state).values():
-                add(value)
-    for module in model.modules():  # HQQ keeps scales and zeros in a dict
-        meta = getattr(module, "meta", None)
-        if isinstance(meta, dict):
-            for value in meta.values():
-                add(value)
-    return total
 
 
 def run(only=None, steps: int = 8) -> int:
@@ -98,7 +64,7 @@ def _one(name, options, base_dir, batches, tmp, tokenizer, steps):
     backend = qadapt.get_backend(name)
     calibration = batches[:2] if backend.needs_calibration(backend.validate_options(options)) else None
     model = qadapt.load(base_dir, backend=name, calibration=calibration, **options)
-    memory = weight_bytes(model)
+    memory = storage_bytes(model)
     model = qadapt.attach(model, "lora", r=8)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     held_out = batches[-1]

@@ -1,0 +1,526 @@
+"""LoRA training throughput per backend: qadapt against the same training wired by hand (transformers + PEFT).
+
+For every backend setting, in one process: quantization time, true weight memory, bits per weight of the quantized
+linears against the format's theory, and LoRA (r=16, alpha=32, all linear layers) training tokens/s and peak GPU
+memory with AdamW. The same model is then built and trained by hand (BitsAndBytesConfig / TorchAoConfig /
+HQQLinear + ``peft.get_peft_model``), giving the qadapt/raw ratio, and every setting's ratio to full-precision LoRA.
+
+    # the GPU run documented in docs/benchmarks.md (TinyLlama-1.1B's shape, random weights, batch 4 x 512)
+    python bench/train_throughput.py --size full --out out/throughput
+    # the 4-bit tuning experiments (torch.compile, gradient checkpointing, compute dtype, HQQ backends)
+    python bench/train_throughput.py --size full --tune --out out/tune
+    # anyone, on a CPU, in a couple of minutes (report ratios only: CPU timings say little about GPUs)
+    python bench/train_throughput.py --size tiny --out out/throughput-cpu
+
+Nothing is downloaded: the model is a randomly initialised Llama built from a config, saved once to a temporary
+folder, and every backend quantizes that folder (HQQ an in-memory copy: it converts layers in place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))  # the repo root: qadapt (and plugins/) when qadapt is not installed
+
+from _storage import quantized_bits_per_weight, storage_bytes, theory_bits_for  # noqa: E402
+
+SIZES = {
+    # TinyLlama-1.1B's shape (1,100,048,384 parameters)
+    "full": dict(
+        model=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+        batch=4, seq=512, warmup=3, steps=10, calib=8,
+    ),
+    # same architecture, small enough for two CPU cores (intermediate divisible by 128 for GPTQ/AWQ groups)
+    "tiny": dict(
+        model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
+                   num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256),
+        batch=4, seq=128, warmup=2, steps=8, calib=4,
+    ),
+}
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
+
+#: the main table: name -> (qadapt backend or None, qadapt options, theory kind, has a hand-wired twin)
+SETTINGS = {
+    "full": (None, {}, "none", True),
+    "bnb-nf4-dq": ("bnb", dict(bits=4, quant_type="nf4", double_quant=True), "nf4-dq", True),
+    "bnb-int8": ("bnb", dict(bits=8), "int8-row", True),
+    "torchao-int8wo": ("torchao", dict(scheme="int8_weight_only"), "torchao-int8", True),
+    "hqq-4bit-g64": ("hqq", dict(bits=4, group_size=64), "hqq", True),
+    "gptq-4bit-g128": ("gptq", dict(bits=4, group_size=128), "gptq", False),
+    "awq-4bit-g128": ("awq", dict(bits=4, group_size=128), "awq", False),
+}
+#: --tune: the fastest 4-bit paths, one change at a time (qadapt side only; flags after ":", joined by "+")
+TUNE = [
+    "full", "full:compile", "full:ckpt",
+    "bnb-nf4-dq:compute=float32", "bnb-nf4-dq", "bnb-nf4-dq:nodq", "bnb-nf4-dq:compile", "bnb-nf4-dq:ckpt",
+    "bnb-nf4-dq:nodq+compile",
+    "hqq-4bit-g64", "hqq-4bit-g64:hqq=pytorch_compile", "hqq-4bit-g64:compile",
+    "torchao-int8wo", "torchao-int8wo:compile",
+    "full:batch=16", "bnb-nf4-dq:batch=16",
+]
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def log(*args):
+    print(*args, flush=True)
+
+
+def sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device):
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def ensure_backends(names):
+    """Register repo plugins by hand where qadapt is not pip-installed (the GPU machine runs from a checkout)."""
+    import importlib
+
+    from qadapt.plugins import backends, registry
+
+    have = backends()
+    for name in names:
+        if name and name not in have:
+            try:
+                registry().add(importlib.import_module(f"plugins.{name}"), name)
+            except Exception as exc:  # recorded per setting when it is used
+                log(f"[setup] plugin {name} not importable: {type(exc).__name__}: {exc}")
+
+
+def build_base(size, dtype, folder, device):
+    """A randomly initialised Llama of ``size``'s shape, saved with safetensors in ``dtype``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SIZES[size]["model"], dtype=dtype_name(dtype))
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(folder)
+    count = sum(p.numel() for p in model.parameters())
+    del model
+    free(device)
+    return count
+
+
+def load_full(folder, dtype, device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+
+
+def flags_of(spec):
+    name, _, rest = spec.partition(":")
+    flags = {}
+    for item in filter(None, rest.split("+")):
+        key, _, value = item.partition("=")
+        flags[key] = value or True
+    return name, flags
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def build_qadapt(name, flags, ctx):
+    """(model with LoRA attached, quantization seconds) through qadapt."""
+    import qadapt
+
+    backend, options, _, _ = SETTINGS[name]
+    options = dict(options)
+    dtype, device, folder = ctx["dtype"], ctx["device"], ctx["folder"]
+    if backend in ("bnb", "hqq") and (options.get("bits") == 4 or backend == "hqq"):
+        options["compute_dtype"] = flags.get("compute", dtype_name(dtype))
+    if flags.get("nodq"):
+        options["double_quant"] = False
+    if backend in ("gptq", "awq"):
+        options["dtype"] = dtype_name(dtype)
+        options["kernel"] = "marlin" if device == "cuda" else "torch"
+    if backend is None:
+        sync(device)
+        start = time.perf_counter()
+        model = load_full(folder, dtype, device)
+    elif backend == "hqq":
+        source = load_full(folder, dtype, "cpu")
+        sync(device)
+        start = time.perf_counter()
+        model = qadapt.load(source, backend="hqq", **options)
+    else:
+        sync(device)
+        start = time.perf_counter()
+        model = qadapt.load(folder, backend=backend, calibration=ctx["calibration"] if backend in ("gptq", "awq") else None,
+                            **options)
+    sync(device)
+    seconds = time.perf_counter() - start
+    if flags.get("hqq"):
+        from hqq.core.quantize import HQQBackend, HQQLinear
+
+        HQQLinear.set_backend(getattr(HQQBackend, flags["hqq"].upper()))
+    if flags.get("ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stats = weight_stats(model, backend, name, ctx, kind="nf4" if flags.get("nodq") else None)
+    peft_model = qadapt.attach(model, "lora", **LORA)
+    return peft_model, seconds, stats
+
+
+def build_raw(name, flags, ctx):
+    """The same model and adapter wired by hand: transformers' quantization configs (or HQQLinear) + PEFT."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype, device, folder = ctx["dtype"], ctx["device"], ctx["folder"]
+    config = peft.LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", **LORA)
+    sync(device)
+    start = time.perf_counter()
+    if name == "full":
+        model = load_full(folder, dtype, device)
+    elif name in ("bnb-nf4-dq", "bnb-int8"):
+        from transformers import BitsAndBytesConfig
+
+        if name == "bnb-int8":
+            quant = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device, quantization_config=quant)
+    elif name == "torchao-int8wo":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device,
+                                                     quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    elif name == "hqq-4bit-g64":
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        sync(device)
+        model = load_full(folder, dtype, "cpu")
+        start = time.perf_counter()  # like the qadapt side: the conversion of an in-memory model
+        head = model.get_output_embeddings()
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+        for n in names:
+            parent, _, child = n.rpartition(".")
+            layer = HQQLinear(model.get_submodule(n), quant_config=BaseQuantizeConfig(nbits=4, group_size=64),
+                              compute_dtype=dtype, device=device, del_orig=True)
+            setattr(model.get_submodule(parent), child, layer)
+        model = model.to(device)
+        config = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=names, **LORA)  # all-linear misses HQQLinear
+    else:
+        raise ValueError(f"no hand-wired twin for {name}")
+    sync(device)
+    seconds = time.perf_counter() - start
+    stats = weight_stats(model, SETTINGS[name][0], name, ctx)
+    return peft.get_peft_model(model, config), seconds, stats
+
+
+def weight_stats(model, backend, name, ctx, kind=None):
+    import qadapt
+
+    total = storage_bytes(model)
+    if backend is None:
+        import torch
+
+        head = model.get_output_embeddings()
+        is_q = lambda m: isinstance(m, torch.nn.Linear) and m is not head  # noqa: E731
+    else:
+        is_q = qadapt.get_backend(backend).is_quantized_layer
+    bits, stored, weights = quantized_bits_per_weight(model, is_q)
+    kind = kind or SETTINGS[name][2]
+    extra = {}
+    if kind in ("hqq", "gptq", "awq"):
+        extra["group_size"] = SETTINGS[name][1]["group_size"]
+    if kind in ("hqq", "torchao-int8", "none"):
+        extra["scale_bits"] = 8 * _element_size(ctx["dtype"])
+    theory = theory_bits_for(model, is_q, kind, **extra)
+    return {"weight_bytes": total, "quantized_layers_bytes": stored, "quantized_weights": weights,
+            "bits_per_weight": bits, "theory_bits_per_weight": theory,
+            "get_memory_footprint": _footprint(model)}
+
+
+def _element_size(dtype):
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _footprint(model):
+    try:
+        return int(model.get_memory_footprint())
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train(model, ctx, flags):
+    import torch
+
+    device = ctx["device"]
+    steps, warmup = ctx["steps"], ctx["warmup"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    forward = torch.compile(model) if flags.get("compile") else model
+    model.train()
+    batches = ctx["batches"]
+    if flags.get("batch"):  # a larger batch: does the gap shrink when per-layer overheads are amortized?
+        n = int(flags["batch"])
+        batches = [b.repeat((n + b.shape[0] - 1) // b.shape[0], 1)[:n] for b in batches]
+    times, losses = [], []
+    free(device)
+    for step in range(warmup + steps):
+        batch = batches[step % len(batches)]
+        sync(device)
+        start = time.perf_counter()
+        loss = forward(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    timed = times[warmup:]
+    step_s = statistics.median(timed)
+    tokens = batches[0].numel()
+    result = {"step_s_median": step_s, "step_s_all": timed, "warmup_s": times[:warmup], "tokens_per_s": tokens / step_s, "tokens_per_step": tokens,
+              "trainable_params": trainable, "loss_first": losses[0], "loss_last": losses[-1]}
+    if device == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if not all(math.isfinite(x) for x in losses):
+        result["warning"] = "non-finite loss"
+    return result
+
+
+def run_one(spec, side, ctx):
+    """Build (qadapt or raw) and train one setting; returns a result row (an 'error' row if anything failed)."""
+    name, flags = flags_of(spec)
+    row = {"setting": spec, "side": side}
+    try:
+        if side == "qadapt":
+            model, seconds, stats = build_qadapt(name, flags, ctx)
+            row.update(stats)
+        else:
+            model, seconds, stats = build_raw(name, flags, ctx)
+            row.update(stats)
+        row["quantize_s"] = seconds
+        if ctx["device"] == "cuda":
+            import torch
+
+            row["allocated_before_train_gib"] = torch.cuda.memory_allocated() / 2**30
+        row.update(train(model, ctx, flags))
+        log(f"[{spec} / {side}] {row['tokens_per_s']:.0f} tok/s, step {row['step_s_median'] * 1e3:.1f} ms"
+            + (f", peak {row['peak_gib']:.2f} GiB" if "peak_gib" in row else "")
+            + f", load {seconds:.1f} s, weights {row['weight_bytes'] / 2**20:.1f} MiB, "
+              f"{row['bits_per_weight']:.3f} bits/w (theory {row['theory_bits_per_weight']:.3f}), loss {row['loss_last']:.3f}")
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:600]
+        row["traceback"] = traceback.format_exc()[-3000:]
+        log(f"[{spec} / {side}] FAILED: {row['error']}")
+    finally:
+        model = None  # noqa: F841
+        free(ctx["device"])
+    return row
+
+
+def warm_up_libraries(ctx, names):
+    """Import each backend and run its kernels once on a toy model, so the first timed setting pays no start-up."""
+    import torch
+
+    import qadapt
+    from qadapt import toy
+
+    for backend in sorted({SETTINGS[n][0] for n in names if SETTINGS[n][0] in ("bnb", "torchao", "hqq")}):
+        try:
+            options = {"bits": 4} if backend in ("bnb", "hqq") else {}
+            model = qadapt.load(toy.build_model(dtype=ctx["dtype"]).to(ctx["device"]), backend=backend, **options)
+            model = qadapt.attach(model, "lora", r=4)
+            ids = torch.randint(0, 512, (1, 16), device=ctx["device"])
+            model(input_ids=ids, labels=ids).loss.backward()
+        except Exception as exc:
+            log(f"[warm-up] {backend}: {type(exc).__name__}: {exc}")
+        free(ctx["device"])
+
+
+def merge_repeats(rows):
+    """One row per side: the first run's row, with the median step time over every timed step of every repeat."""
+    merged = {}
+    for r in rows:
+        if r["side"] not in merged:
+            merged[r["side"]] = dict(r, repeats=[])
+        first = merged[r["side"]]
+        if "error" in r or "error" in first:
+            first.setdefault("error", r.get("error"))
+            continue
+        first["repeats"].append(r["step_s_median"])
+        first.setdefault("_all", []).extend(r["step_s_all"])
+    for first in merged.values():
+        if "error" not in first and first.get("_all"):
+            first["step_s_median"] = statistics.median(first.pop("_all"))
+            first["tokens_per_s"] = first["tokens_per_step"] / first["step_s_median"]
+    return list(merged.values())
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def summarize(rows, device):
+    by = {(r["setting"], r["side"]): r for r in rows if "error" not in r}
+    base = by.get(("full", "qadapt"))
+    table = []
+    for r in rows:
+        if r["side"] != "qadapt":
+            continue
+        line = {"setting": r["setting"]}
+        if "error" in r:
+            line["error"] = r["error"]
+            table.append(line)
+            continue
+        raw = by.get((r["setting"], "raw"))
+        line.update(
+            tokens_per_s=r["tokens_per_s"], peak_gib=r.get("peak_gib"), quantize_s=r["quantize_s"],
+            weight_mib=r["weight_bytes"] / 2**20, bits=r["bits_per_weight"], theory_bits=r["theory_bits_per_weight"],
+            raw_tokens_per_s=raw["tokens_per_s"] if raw else None,
+            raw_peak_gib=raw.get("peak_gib") if raw else None,
+            qadapt_over_raw=(r["tokens_per_s"] / raw["tokens_per_s"]) if raw else None,
+            over_full=(r["tokens_per_s"] / base["tokens_per_s"]) if base else None,
+            same_trainable=(raw["trainable_params"] == r["trainable_params"]) if raw else None,
+        )
+        table.append(line)
+    return table
+
+
+def markdown(table, device):
+    cpu = device != "cuda"
+    head = ("| setting | tok/s | peak GiB | raw tok/s | qadapt/raw | vs full | weights MiB | bits/w | theory | quantize s |"
+            if not cpu else "| setting | qadapt/raw | vs full | weights MiB | bits/w | theory |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for t in table:
+        if "error" in t:
+            lines.append(f"| {t['setting']} | failed: {t['error'][:120]} |")
+            continue
+        if cpu:
+            lines.append(f"| {t['setting']} | {fmt(t['qadapt_over_raw'], '.3f')} | {fmt(t['over_full'], '.2f')} | "
+                         f"{t['weight_mib']:.2f} | {t['bits']:.3f} | {t['theory_bits']:.3f} |")
+        else:
+            lines.append(f"| {t['setting']} | {t['tokens_per_s']:,.0f} | {fmt(t['peak_gib'], '.2f')} | "
+                         f"{fmt(t['raw_tokens_per_s'], ',.0f')} | {fmt(t['qadapt_over_raw'], '.3f')} | "
+                         f"{fmt(t['over_full'], '.2f')} | {t['weight_mib']:,.0f} | {t['bits']:.3f} | "
+                         f"{t['theory_bits']:.3f} | {t['quantize_s']:.1f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="full")
+    parser.add_argument("--settings", help="comma-separated settings (default: all; see SETTINGS / TUNE)")
+    parser.add_argument("--tune", action="store_true", help="run the 4-bit tuning experiments instead of the table")
+    parser.add_argument("--no-raw", action="store_true", help="skip the hand-wired twins")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--repeat", type=int, help="qadapt/raw pairs per setting, alternated (default: 1 on GPU, 3 on CPU)")
+    parser.add_argument("--out", default="out/throughput", help="folder for results.json and table.md")
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(4, os.cpu_count() or 1)))
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    size = SIZES[args.size]
+    specs = args.settings.split(",") if args.settings else (TUNE if args.tune else list(SETTINGS))
+    if device != "cuda":
+        specs = [s for s in specs if not s.startswith("awq")]  # AWQ quantization needs CUDA (recorded below)
+    names = sorted({flags_of(s)[0] for s in specs})
+    ensure_backends({SETTINGS[n][0] for n in names})
+    os.makedirs(args.out, exist_ok=True)
+
+    import peft
+
+    import qadapt
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": peft.__version__}
+    for lib in ("bitsandbytes", "torchao", "hqq", "gptqmodel"):
+        try:
+            import importlib.metadata as md
+
+            versions[lib] = md.version(lib)
+        except Exception:
+            versions[lib] = None
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "dtype": dtype_name(dtype), "size": args.size, "shape": size["model"], "batch": size["batch"], "seq": size["seq"],
+        "lora": LORA, "optimizer": "AdamW lr 1e-4", "versions": versions, "command": " ".join([sys.executable] + sys.argv),
+    }
+    log(json.dumps(meta))
+    with tempfile.TemporaryDirectory(prefix="qadapt-bench-") as folder:
+        started = time.perf_counter()
+        meta["params"] = build_base(args.size, dtype, folder, device)
+        meta["build_s"] = time.perf_counter() - started
+        generator = torch.Generator().manual_seed(0)
+        vocab = size["model"]["vocab_size"]
+        batches = [torch.randint(0, vocab, (size["batch"], size["seq"]), generator=generator).to(device) for _ in range(4)]
+        calibration = [torch.randint(0, vocab, (1, size["seq"]), generator=generator) for _ in range(size["calib"])]
+        ctx = dict(device=device, dtype=dtype, folder=folder, batches=batches, calibration=calibration,
+                   steps=args.steps or size["steps"], warmup=args.warmup or size["warmup"])
+        warm_up_libraries(ctx, names)
+        rows = []
+        if device != "cuda" and not args.settings:
+            rows.append({"setting": "awq-4bit-g128", "side": "qadapt", "error": "skipped: AWQ quantization needs CUDA"})
+        repeat = args.repeat or (1 if device == "cuda" else 3)
+        meta["repeat"] = repeat
+        for spec in specs:
+            name, flags = flags_of(spec)
+            pair = []
+            for _ in range(repeat):  # alternate the two sides, so drift (clocks, allocator) hits both alike
+                pair.append(run_one(spec, "qadapt", ctx))
+                if SETTINGS[name][3] and not args.no_raw and not args.tune:
+                    pair.append(run_one(spec, "raw", ctx))
+            rows.extend(merge_repeats(pair))
+            _write(args.out, meta, rows, device)
+    table = _write(args.out, meta, rows, device)
+    log(markdown(table, device))
+    return 0
+
+
+def _write(out, meta, rows, device):
+    table = summarize(rows, device)
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump({"meta": meta, "rows": rows, "table": table}, handle, indent=1, default=str)
+    with open(os.path.join(out, "table.md"), "w") as handle:
+        handle.write(markdown(table, device) + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""True storage of a model's weights: ``get_memory_footprint()`` reports the full-precision size for torchao's
+tensor subclasses and misses what bitsandbytes hangs on its parameters.
+
+:func:`storage_bytes` walks every tensor reachable from parameters, buffers, tensor subclasses
+(``__tensor_flatten__``: torchao), attributes of parameter objects (bitsandbytes' ``quant_state`` with its nested
+double-quant state, LLM.int8's ``SCB``) and HQQ's ``meta`` dicts; each storage is counted once.
+"""
+
+from __future__ import annotations
+
+
+def storage_bytes(model, include=None) -> int:
+    """Bytes of every distinct tensor storage ``model`` (any ``nn.Module``) holds.
+
+    :param include: optional predicate on module names: only modules (and their children) it accepts are counted.
+    """
+    import torch
+
+    seen: set = set()
+    total = 0
+
+    def add(obj, depth=0):
+        nonlocal total
+        if depth > 6 or obj is None:
+            return
+        if isinstance(obj, torch.nn.Module):  # back-references (Params4bit.module) are not storage of their own
+            return
+        if isinstance(obj, torch.Tensor):
+            data = obj.data if isinstance(obj, torch.nn.Parameter) else obj
+            if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+                for name in data.__tensor_flatten__()[0]:
+                    add(getattr(data, name), depth + 1)
+            elif data.device.type != "meta":
+                storage = data.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+            # bitsandbytes hangs its statistics on the parameter object itself (quant_state, SCB, CB)
+            for key, value in getattr(obj, "__dict__", {}).items():
+                if key != "module":
+                    add(value, depth + 1)
+            return
+        if isinstance(obj, dict):
+            for value in obj.values():
+                add(value, depth + 1)
+            return
+        if isinstance(obj, (list, tuple)):
+            for value in obj:
+                add(value, depth + 1)
+            return
+        if type(obj).__name__ in ("QuantState", "MatmulLtState"):
+            for value in vars(obj).values():
+                add(value, depth + 1)
+
+    for name, module in model.named_modules():
+        if include is not None and not include(name):
+            continue
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            add(tensor)
+        meta = getattr(module, "meta", None)  # HQQ: scales and zeros
+        if isinstance(meta, dict):
+            add(meta)
+        state = getattr(module, "state", None)  # bitsandbytes 8-bit: MatmulLtState (CB/SCB share the weight's)
+        if type(state).__name__ == "MatmulLtState":
+            add(state)
+    return total
