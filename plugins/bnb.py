@@ -23,7 +23,7 @@ class BitsAndBytesBackend(QuantBackend):
         Option("bits", 4, "4-bit (NF4/FP4) or 8-bit (LLM.int8) weights", choices=(4, 8)),
         Option("quant_type", "nf4", "4-bit data type", choices=("nf4", "fp4")),
         Option("double_quant", True, "also quantize the 4-bit scales (saves ~0.37 bits/parameter)"),
-        Option("compute_dtype", "float32", "dtype of the 4-bit matmul", choices=DTYPES),
+        Option("compute_dtype", "auto", "dtype of the 4-bit matmul ('auto': the model's dtype)", choices=("auto",) + DTYPES),
         Option("blocksize", 64, "4-bit quantization block size", choices=(64, 128, 256)),
     )
 
@@ -65,7 +65,7 @@ class BitsAndBytesBackend(QuantBackend):
         return 0.02 if options["bits"] == 8 else super().forward_tolerance(options)
 
     # ------------------------------------------------------------------ heavy work
-    def _config(self, options):
+    def _config(self, options, dtype):
         import torch
         from transformers import BitsAndBytesConfig
 
@@ -75,7 +75,7 @@ class BitsAndBytesBackend(QuantBackend):
             load_in_4bit=True,
             bnb_4bit_quant_type=options["quant_type"],
             bnb_4bit_use_double_quant=options["double_quant"],
-            bnb_4bit_compute_dtype=getattr(torch, options["compute_dtype"]),
+            bnb_4bit_compute_dtype=dtype if options["compute_dtype"] == "auto" else getattr(torch, options["compute_dtype"]),
             bnb_4bit_quant_storage=torch.uint8,
         )
 
@@ -86,7 +86,7 @@ class BitsAndBytesBackend(QuantBackend):
         if options["blocksize"] != 64:
             return self._quantize_blocksize(model, options)
         with as_pretrained_dir(model) as path:
-            return self._from_pretrained(path, dtype, quantization_config=self._config(options))
+            return self._from_pretrained(path, dtype, quantization_config=self._config(options, dtype))
 
     def _quantize_blocksize(self, model, options):
         # transformers' BitsAndBytesConfig has no block size: quantize its layers ourselves.
@@ -94,7 +94,7 @@ class BitsAndBytesBackend(QuantBackend):
 
         dtype = model_dtype(model)
         with as_pretrained_dir(model) as path:
-            quantized = self._from_pretrained(path, dtype, quantization_config=self._config(options))
+            quantized = self._from_pretrained(path, dtype, quantization_config=self._config(options, dtype))
             full = self._from_pretrained(path, dtype)
         full_modules = dict(full.named_modules())
         for name, module in list(quantized.named_modules()):
@@ -142,9 +142,154 @@ class BitsAndBytesBackend(QuantBackend):
             return bnb.functional.dequantize_4bit(data, state).float()
         return dequantize_bnb_weight(weight, state=getattr(module, "state", None)).float()
 
-    def requantize(self, module, weight):
+    def requantize(self, module, weight, policy="best", hessian=None):
+        """A new layer holding ``weight``; ``policy`` (see plugins/_requant.py): ``"fresh"`` quantizes ``weight``
+        afresh as PEFT does; ``"grid"`` keeps the original scales (4-bit absmax blocks, 8-bit SCB rows) and rounds
+        ``weight`` onto them; ``"best"`` (default) also searches each block's / row's scale and keeps, per block or
+        row, whichever candidate (fresh included) is closest to ``weight``, so the result is never further from
+        ``weight`` than the fresh quantization.
+        ``hessian`` (optional, (in, in) = X^T X of the layer's inputs on calibration data): the candidates then also
+        include a GPTQ-style rounding onto the original grid, and the layer with the lowest OUTPUT error on those
+        inputs is kept (fresh, i.e. PEFT's result, among them)."""
+        from ._requant import check_policy, closest
+
+        check_policy(policy)
         blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
-        return self._requantize(module, weight, blocksize)
+        fresh = self._requantize(module, weight, blocksize)
+        if policy == "fresh":
+            return fresh
+        kept = self._requantize_on_grid(module, weight, fresh, policy)
+        if kept is None or policy == "grid":
+            return kept if kept is not None else fresh
+        candidates = [fresh, kept]
+        if hessian is not None:
+            candidates.append(self._requantize_gptq(module, weight, fresh, hessian))
+        return closest(self, candidates, weight, hessian)
+
+    def _requantize_gptq(self, module, weight, fresh, hessian):
+        """GPTQ-style rounding onto the layer's original grid (absmax blocks or SCB rows)."""
+        import bitsandbytes as bnb
+        import torch
+
+        from ._requant import affine_columns, codebook_columns, gptq_on_grid
+
+        out_features, in_features = weight.shape
+        old = module.weight
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = old.quant_state
+            if state is None or getattr(state, "packing_format_for_cpu", False) or weight.numel() % state.blocksize:
+                return None
+            absmax = _block_absmax(state, old.device).repeat_interleave(state.blocksize).view(out_features, in_features)
+            rounding = codebook_columns(absmax, state.code.float().to(old.device))
+        else:
+            scb = old.SCB if old.SCB is not None else getattr(module.state, "SCB", None)
+            if scb is None:
+                return None
+            step = (scb.float() * 7.874015718698502e-3).view(-1, 1).expand(out_features, in_features)
+            rounding = affine_columns(step, torch.zeros_like(step), -127, 127)
+        on_grid = gptq_on_grid(weight.float().to(old.device), hessian, rounding)
+        return self._requantize_on_grid(module, on_grid, fresh, "grid")
+
+    def _requantize_on_grid(self, module, weight, fresh, policy):
+        import bitsandbytes as bnb
+
+        if isinstance(module, bnb.nn.Linear4bit):
+            return self._requantize_4bit_on_grid(module, weight, fresh, policy)
+        return self._requantize_8bit_on_grid(module, weight, fresh, policy)
+
+    def _requantize_4bit_on_grid(self, module, weight, fresh, policy, window=8):
+        import copy
+
+        import bitsandbytes as bnb
+        import torch
+
+        from qadapt._hf import clone_module
+
+        from ._requant import blockwise_4bit, pack_4bit, unpack_4bit
+
+        old = module.weight
+        state = old.quant_state
+        if state is None or getattr(state, "packing_format_for_cpu", False) or weight.numel() % state.blocksize:
+            return None  # layouts this arithmetic does not cover: the fresh quantization stands
+        device = old.device
+        target = weight.float().to(device).reshape(-1, state.blocksize)
+        code = state.code.float().to(device)
+        if state.nested:
+            table = state.state2.code.float().to(device)
+            nested = state.state2.absmax.float().to(device)
+            group = torch.arange(target.shape[0], device=device) // state.state2.blocksize
+            scale = nested[group].view(-1, 1)
+            offset = float(state.offset)
+            old_index = state.absmax.long().view(-1, 1)
+            if policy == "grid":
+                indices = old_index
+            else:  # the original absmax code, its neighbours, and the codes around the fresh absmax
+                fresh_value = (target.abs().amax(dim=1, keepdim=True) - offset) / scale
+                fresh_index = torch.bucketize(fresh_value.contiguous(), (table[1:] + table[:-1]) / 2)
+                steps = torch.arange(-window, window + 1, device=device).view(1, -1)
+                indices = torch.cat([old_index + steps, fresh_index + steps], dim=1).clamp(0, table.numel() - 1)
+            values = table[indices] * scale + offset
+        else:
+            old_absmax = state.absmax.float().to(device).view(-1, 1)
+            values = old_absmax
+            if policy != "grid":
+                q0 = code[unpack_4bit(old.data, weight.numel()).long()].view_as(target)
+                ls = (q0 * target).sum(dim=1, keepdim=True) / (q0 * q0).sum(dim=1, keepdim=True).clamp_min(1e-30)
+                ls = torch.where(ls > 0, ls * old_absmax, old_absmax)  # code * absmax: the LS factor rescales absmax
+                values = torch.cat([old_absmax, target.abs().amax(dim=1, keepdim=True), ls], dim=1)
+        codes, chosen, _ = blockwise_4bit(target, values, code)
+        new_state = copy.deepcopy(state)
+        if state.nested:
+            new_state.absmax = torch.gather(indices, 1, chosen.view(-1, 1)).view(-1).to(state.absmax.dtype)
+        else:
+            new_state.absmax = torch.gather(values, 1, chosen.view(-1, 1)).view(-1).to(state.absmax.dtype)
+        clone = clone_module(module)
+        clone.weight = bnb.nn.Params4bit(
+            pack_4bit(codes).to(old.dtype) if old.dtype == torch.uint8 else pack_4bit(codes).view(old.dtype),
+            requires_grad=False,
+            quant_state=new_state,
+            blocksize=state.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=clone,
+            bnb_quantized=True,
+        )
+        return clone
+
+    def _requantize_8bit_on_grid(self, module, weight, fresh, policy):
+        import bitsandbytes as bnb
+        import torch
+
+        from qadapt._hf import clone_module
+
+        from ._requant import best_rows, int8_rows
+
+        old = module.weight
+        scb = old.SCB if old.SCB is not None else getattr(module.state, "SCB", None)
+        if scb is None or old.data.dtype != torch.int8:
+            return None
+        device = old.device
+        target = weight.float().to(device)
+
+        def deq(codes, row_scale):  # bitsandbytes' int8_vectorwise_dequant
+            return codes.float() * row_scale.view(-1, 1) * 7.874015718698502e-3
+
+        candidates = int8_rows(target, scb.float(), -127, 127, deq)
+        if policy == "grid":
+            candidates = candidates[:1]
+        else:
+            fresh_scb = fresh.weight.SCB if fresh.weight.SCB is not None else fresh.state.SCB
+            candidates.append((fresh.weight.data.float(), fresh_scb.float()))
+        codes, row_scale, _, _ = best_rows(target, candidates, deq)
+        codes = codes.to(torch.int8).contiguous()
+        clone = clone_module(module)
+        clone.state = bnb.MatmulLtState()
+        clone.state.threshold = module.state.threshold
+        clone.state.has_fp16_weights = False
+        clone.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes,
+                                         SCB=row_scale.to(scb.dtype).contiguous())
+        return clone
 
     def _requantize(self, module, weight, blocksize):
         import bitsandbytes as bnb
@@ -171,6 +316,17 @@ class BitsAndBytesBackend(QuantBackend):
             clone.weight = bnb.nn.Int8Params(weight.to("cpu", torch_dtype_of(module)), requires_grad=False,
                                              has_fp16_weights=False).to(device)
         return clone
+
+
+def _block_absmax(state, device):
+    """The de-quantized absmax of every 4-bit block, as bitsandbytes computes it (double quantization included)."""
+    import torch
+
+    if not state.nested:
+        return state.absmax.float().to(device)
+    nested = state.state2.absmax.float().to(device)
+    group = torch.arange(state.absmax.numel(), device=device) // state.state2.blocksize
+    return state.state2.code.float().to(device)[state.absmax.long()] * nested[group] + float(state.offset)
 
 
 def _keep_cpu_layout(model):

@@ -29,7 +29,8 @@ class HQQBackend(QuantBackend):
     options = (
         Option("bits", 4, "bits per weight", choices=(1, 2, 3, 4, 8)),
         Option("group_size", 64, "weights sharing one scale and zero", choices=(16, 32, 64, 128, 256)),
-        Option("compute_dtype", "float32", "dtype of the de-quantized matmul", choices=("float32", "bfloat16", "float16")),
+        Option("compute_dtype", "auto", "dtype of the de-quantized matmul ('auto': the model's dtype)",
+               choices=("auto", "float32", "bfloat16", "float16")),
     )
 
     def capabilities(self, options):
@@ -58,7 +59,7 @@ class HQQBackend(QuantBackend):
         if isinstance(model, str):
             model = _load_full(model)
         quant_config = self._quant_config(options)
-        compute_dtype = getattr(torch, options["compute_dtype"])
+        compute_dtype = _compute_dtype(options, model.dtype)
         device = _device()
         for name, module in _linear_layers(model):
             _replace(model, name, self._make(module, quant_config, compute_dtype, device))
@@ -95,7 +96,7 @@ class HQQBackend(QuantBackend):
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
         state = load_file(os.path.join(path, WEIGHTS_FILE))
-        compute_dtype = getattr(torch, options["compute_dtype"])
+        compute_dtype = _compute_dtype(options, model.dtype)
         device = _device()
         for name in layout["layers"]:
             layer = HQQLinear(None, quant_config=self._quant_config(options), compute_dtype=compute_dtype, device=device)
@@ -120,7 +121,90 @@ class HQQBackend(QuantBackend):
     def dequantize(self, module):
         return module.dequantize().float()
 
-    def requantize(self, module, weight):
+    def requantize(self, module, weight, policy="best", hessian=None):
+        """A new HQQLinear holding ``weight``; ``policy`` (see plugins/_requant.py): ``"fresh"`` quantizes ``weight``
+        afresh as PEFT does; ``"grid"`` keeps each group's scale and zero and rounds ``weight`` onto them; ``"best"``
+        (default) also re-fits each group's scale and zero by least squares and keeps, per group, whichever candidate
+        (fresh included) is closest to ``weight``: never further from ``weight`` than the fresh quantization.
+        ``hessian`` (optional, (in, in) = X^T X of the layer's inputs on calibration data): the candidates then also
+        include a GPTQ-style rounding onto the original grid, and the layer with the lowest OUTPUT error on those
+        inputs is kept (fresh, i.e. PEFT's result, among them)."""
+        from ._requant import check_policy, closest
+
+        check_policy(policy)
+        fresh = self._requantize_fresh(module, weight)
+        if policy == "fresh":
+            return fresh
+        kept = self._requantize_on_grid(module, weight, fresh, policy)
+        if kept is None or policy == "grid":
+            return kept if kept is not None else fresh
+        candidates = [fresh, kept]
+        if hessian is not None:
+            candidates.append(self._requantize_gptq(module, weight, fresh, hessian))
+        return closest(self, candidates, weight, hessian)
+
+    def _requantize_gptq(self, module, weight, fresh, hessian):
+        """GPTQ-style rounding onto the layer's original grid (its groups' scales and zeros)."""
+        from ._requant import affine_columns, gptq_on_grid
+
+        meta = module.meta
+        out_features, in_features = weight.shape
+        group_size = int(meta["group_size"])
+        if meta.get("axis") != 1 or in_features % group_size or meta.get("quant_scale") or meta.get("quant_zero"):
+            return None
+        scale = meta["scale"].float().repeat_interleave(group_size).view(out_features, in_features)
+        zero = meta["zero"].float().repeat_interleave(group_size).view(out_features, in_features)
+        rounding = affine_columns(scale, zero, 0, 2 ** int(meta["nbits"]) - 1)
+        on_grid = gptq_on_grid(weight.float().to(module.W_q.device), hessian, rounding)
+        return self._requantize_on_grid(module, on_grid, fresh, "grid")
+
+    def _requantize_on_grid(self, module, weight, fresh, policy):
+        import torch
+        from hqq.core.quantize import Quantizer
+
+        from qadapt._hf import clone_module
+
+        from ._requant import affine_groups, best_groups
+
+        meta = module.meta
+        plain = (
+            meta.get("packing") in Quantizer.unpack
+            and int(meta["nbits"]) in (1, 2, 4, 8)
+            and meta.get("axis") == 1
+            and not meta.get("quant_scale")
+            and not meta.get("quant_zero")
+            and not meta.get("view_as_float")
+            and "zero_scale" not in meta
+            and not getattr(module, "offload_meta", False)
+            and fresh.meta.get("packing") == meta.get("packing")
+            and all(not fresh.meta.get(k) for k in ("quant_scale", "quant_zero", "view_as_float"))
+            and "zero_scale" not in fresh.meta
+        )
+        if not plain:
+            return None  # layouts this arithmetic does not cover: the fresh quantization stands
+        packing, nbits, group_size = meta["packing"], int(meta["nbits"]), int(meta["group_size"])
+        compute_dtype = meta.get("compute_dtype", module.compute_dtype)
+        device = module.W_q.device
+        target = weight.float().to(device).reshape(-1, group_size)
+
+        def deq(q, scale, zero):  # HQQ's Quantizer.dequantize: (W_r - zero) * scale in the compute dtype
+            return ((q.to(compute_dtype) - zero) * scale).float()
+
+        old_q = Quantizer.unpack[packing](module.W_q, dtype=torch.uint8)[: target.shape[0]].float()
+        scale, zero = meta["scale"], meta["zero"]
+        if old_q.shape != target.shape or scale.shape[0] != target.shape[0]:
+            return None
+        candidates = affine_groups(target, scale, zero, nbits, deq, iterations=0 if policy == "grid" else 2)
+        if policy != "grid":
+            fresh_q = Quantizer.unpack[packing](fresh.W_q, dtype=torch.uint8)[: target.shape[0]].float()
+            candidates.append((fresh_q, fresh.meta["scale"].to(scale.dtype), fresh.meta["zero"].to(zero.dtype)))
+        q, new_scale, new_zero, _, _ = best_groups(target, candidates, deq)
+        new = clone_module(fresh)
+        new.meta = {**fresh.meta, "scale": new_scale.contiguous(), "zero": new_zero.contiguous()}
+        new.W_q = torch.nn.Parameter(Quantizer.pack[packing](q.to(torch.uint8)), requires_grad=False)
+        return new
+
+    def _requantize_fresh(self, module, weight):
         import torch
 
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
@@ -131,6 +215,12 @@ class HQQBackend(QuantBackend):
         # HQQLinear consumes its quant_config dict; rebuild it from the layer's own metadata.
         quant_config = self._quant_config({"bits": int(module.meta["nbits"]), "group_size": int(module.meta["group_size"])})
         return self._make(linear, quant_config, module.compute_dtype, module.device)
+
+
+def _compute_dtype(options, model_dtype):
+    import torch
+
+    return model_dtype if options["compute_dtype"] == "auto" else getattr(torch, options["compute_dtype"])
 
 
 def _load_full(path):

@@ -100,7 +100,66 @@ class TorchAOBackend(QuantBackend):
     def dequantize(self, module):
         return module.weight.dequantize().float()
 
-    def requantize(self, module, weight):
+    def requantize(self, module, weight, policy="best", hessian=None):
+        """A new layer holding ``weight``; ``policy`` (see plugins/_requant.py): ``"fresh"`` quantizes ``weight``
+        afresh as PEFT does; ``"grid"`` keeps each row's scale and rounds ``weight`` onto it; ``"best"`` (default) also
+        re-fits each row's scale by least squares and keeps, per row, whichever candidate (fresh included) is closest
+        to ``weight``: never further from ``weight`` than the fresh quantization.
+        ``hessian`` (optional, (in, in) = X^T X of the layer's inputs on calibration data): the candidates then also
+        include a GPTQ-style rounding onto the original grid, and the layer with the lowest OUTPUT error on those
+        inputs is kept (fresh, i.e. PEFT's result, among them)."""
+        from ._requant import check_policy, closest
+
+        check_policy(policy)
+        fresh = self._requantize_fresh(module, weight)
+        if policy == "fresh":
+            return fresh
+        # the chosen codes are written into a second fresh layer of our own; ``fresh`` stays PEFT's result
+        kept = self._requantize_on_grid(module, weight, fresh, self._requantize_fresh(module, weight), policy)
+        if kept is None or policy == "grid":
+            return kept if kept is not None else fresh
+        candidates = [fresh, kept]
+        if hessian is not None and type(module.weight).__name__ == "Int8Tensor":
+            import torch
+
+            from ._requant import affine_columns, gptq_on_grid
+
+            step = module.weight.scale.float().view(-1, 1).expand(*weight.shape)
+            on_grid = gptq_on_grid(weight.float().to(step.device), hessian, affine_columns(step, torch.zeros_like(step), -128, 127))
+            candidates.append(self._requantize_on_grid(module, on_grid, fresh, self._requantize_fresh(module, weight), "grid"))
+        return closest(self, candidates, weight, hessian)
+
+    def _requantize_on_grid(self, module, weight, fresh, holder, policy):
+        import torch
+
+        from ._requant import best_rows, int8_rows
+
+        old, new = module.weight, holder.weight
+        per_row = lambda t: (  # noqa: E731
+            type(t).__name__ == "Int8Tensor"
+            and list(t.block_size) == [1, t.shape[1]]
+            and t.qdata.dtype == torch.int8
+            and (t.zero_point is None or not t.zero_point.any())
+        )
+        if not (per_row(old) and per_row(new)) or old.shape != weight.shape:
+            return None  # layouts this arithmetic does not cover: the fresh quantization stands
+        target = weight.float().to(old.qdata.device)
+
+        def deq(codes, row_scale):  # torchao's dequantize_affine with zero_point 0, in float32
+            return codes.float() * row_scale.float().view(-1, 1)
+
+        candidates = int8_rows(target, old.scale.view(-1), -128, 127, deq)
+        if policy == "grid":
+            candidates = candidates[:1]
+        else:
+            candidates.append((fresh.weight.qdata.float(), fresh.weight.scale.view(-1)))
+        codes, row_scale, _, _ = best_rows(target, candidates, deq)
+        with torch.no_grad():  # ``holder`` is ours alone: write the chosen codes and scales into its tensor
+            new.qdata.copy_(codes.to(torch.int8))
+            new.scale.copy_(row_scale.view_as(new.scale).to(new.scale.dtype))
+        return holder
+
+    def _requantize_fresh(self, module, weight):
         import torch
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

@@ -140,15 +140,24 @@ def _on(action: str, record: Record) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- merge
-def merge(model, strategy: str = "requantize", *, max_error: float | None = None, calibration=None) -> merging.MergeReport:
+def merge(model, strategy: str = "requantize", *, max_error: float | None = None, calibration=None,
+          policy: str | None = None) -> merging.MergeReport:
     """Fold the adapter into the weights, measure the result, and keep what is needed to undo it exactly.
 
     :param strategy: ``"requantize"`` (same backend, same options) or ``"dequantize"`` (a full-precision model).
     :param max_error: refuse (and change nothing) if the merged model's relative output error on the calibration
         batch, against the unmerged adapter model, is above this.
-    :param calibration: token ids to measure on (default: a fixed random batch).
+    :param calibration: token ids to measure on (default: a fixed random batch). Real text here also lets backends
+        that support it round the merged weights with the layers' input statistics (GPTQ-style).
+    :param policy: how to re-quantize, for backends that offer a choice (bnb, hqq, torchao): ``"fresh"`` (quantize the
+        merged weight afresh, as PEFT does), ``"grid"`` (keep the original scales), ``"best"`` (per block, the closest
+        of those). Default: qadapt tries ``"fresh"`` and ``"best"`` (with input statistics when ``calibration`` is
+        given) and keeps the one with the lower output error on the calibration batch, so it is never worse there
+        than PEFT's own merge.
     :return: a :class:`qadapt.merging.MergeReport`.
     """
+    import inspect
+
     import torch
 
     record = get_record(model)
@@ -162,54 +171,105 @@ def merge(model, strategy: str = "requantize", *, max_error: float | None = None
     support = backend.can_merge(record.method, record.options, strategy)
     if not support:
         raise IncompatibleError(_on(f"merge {record.method!r} with strategy={strategy!r}", record), support.reason, support.hint)
+    takes = inspect.signature(backend.requantize).parameters
+    if policy is not None and (strategy != "requantize" or "policy" not in takes):
+        raise InvalidOptionError(f"merge with policy={policy!r}", f"backend '{record.backend}' offers no re-quantization policy"
+                                 if strategy == "requantize" else "policies apply to strategy='requantize'",
+                                 "Leave policy out")
 
     inner = base_model(model)
     batch = _measure_batch(inner, calibration)
-    state = merging.MergeState(strategy=strategy, adapter_name=record.adapter_name)
-    layer_stats = []
+    layers = _tuner_layers(inner, record.adapter_name)
+    use_inputs = strategy == "requantize" and calibration is not None and "hessian" in takes and policy in (None, "best")
     with torch.no_grad():
-        reference = model(input_ids=batch).logits
+        hessians = {}
+        hooks = [layer.register_forward_pre_hook(_input_statistics(hessians, name)) for name, layer in layers] if use_inputs else []
         try:
-            for name, layer in _tuner_layers(inner, record.adapter_name):
-                base = proxy.unwrap(layer.get_base_layer())
-                weight = backend.dequantize(base)
-                new_weight, bias_scale = merging.merged_weight(layer, record.method, record.adapter_name, weight)
-                new_base = (
-                    backend.requantize(base, new_weight)
-                    if strategy == "requantize"
-                    else _full_precision(base, new_weight, inner)
-                )
+            reference = model(input_ids=batch).logits
+        finally:
+            for handle in hooks:
+                handle.remove()
+        targets = []
+        for name, layer in layers:
+            base = proxy.unwrap(layer.get_base_layer())
+            weight = backend.dequantize(base)
+            new_weight, bias_scale = merging.merged_weight(layer, record.method, record.adapter_name, weight)
+            targets.append((name, base, weight, new_weight, bias_scale))
+
+        if strategy == "dequantize":
+            candidates = {"exact": {}}
+        elif "policy" not in takes:
+            candidates = {"": {}}
+        elif policy is not None:
+            candidates = {policy: {"policy": policy}}
+        else:
+            candidates = {"fresh": {"policy": "fresh"}, "best": {"policy": "best"}}
+            if use_inputs:
+                candidates["best+inputs"] = {"policy": "best", "with_inputs": True}
+        winner, errors = None, {}
+        for label, how in candidates.items():
+            swaps, stats = {}, []
+            for name, base, weight, new_weight, bias_scale in targets:
+                if strategy == "dequantize":
+                    new_base = _full_precision(base, new_weight, inner)
+                else:
+                    kwargs = {"policy": how["policy"]} if "policy" in how else {}
+                    if how.get("with_inputs"):
+                        kwargs["hessian"] = hessians[name]
+                    new_base = backend.requantize(base, new_weight, **kwargs)
                 if bias_scale is not None and getattr(base, "bias", None) is not None:
                     new_base.bias = torch.nn.Parameter(base.bias.detach() * bias_scale.to(base.bias.dtype), requires_grad=False)
                 delta = new_weight - weight
                 stored = backend.dequantize(new_base) if strategy == "requantize" else new_weight
                 kept_error, _ = merging.relative_error(stored - weight, delta) if delta.norm() > 0 else (0.0, 0.0)
-                layer_stats.append(merging.LayerMerge(name, delta.norm().item(), kept_error))
+                stats.append(merging.LayerMerge(name, delta.norm().item(), kept_error))
                 # The whole tuner layer steps aside (kept, untouched, for unmerge): not every PEFT layer honours
                 # its own "merged" flag (AdaLoRA's bitsandbytes layers add the adapter again).
-                state.originals[name] = layer
-                _set(inner, name, new_base)
+                swaps[name] = new_base
             if strategy == "dequantize":
                 for name, module in list(inner.named_modules()):
-                    if backend.is_quantized_layer(module) and name not in state.originals:
-                        state.originals[name] = module
-                        _set(inner, name, _full_precision(module, backend.dequantize(module), inner))
-            merged = model(input_ids=batch).logits
-        except Exception:
-            _restore(inner, state)
-            raise
-    error, max_abs = merging.relative_error(merged, reference)
-    report = merging.MergeReport(record.backend or "none", record.method, strategy, error, max_abs, layer_stats)
-    state.report = report
+                    if backend.is_quantized_layer(module) and not any(name == n or name.startswith(n + ".") for n in swaps):
+                        swaps[name] = _full_precision(module, backend.dequantize(module), inner)
+            state = merging.MergeState(strategy=strategy, adapter_name=record.adapter_name)
+            try:
+                _apply(inner, state, swaps)
+                merged = model(input_ids=batch).logits
+            finally:
+                _restore(inner, state)
+            error, max_abs = merging.relative_error(merged, reference)
+            errors[label] = error
+            if winner is None or error < winner[1]:
+                winner = (label, error, max_abs, swaps, stats)
+
+    label, error, max_abs, swaps, stats = winner
+    report = merging.MergeReport(record.backend or "none", record.method, strategy, error, max_abs, stats,
+                                 policy=label, candidates=errors if len(errors) > 1 else {})
     if max_error is not None and error > max_error:
-        _restore(inner, state)
         raise MergeRefusedError(
             f"merge {record.method!r} with strategy={strategy!r}, max_error={max_error}",
             f"the merged model's output error is {error:.3g}, above max_error (nothing was changed)",
             "Use strategy='dequantize' for an exact merge, raise max_error, or keep the adapter separate",
         )
+    state = merging.MergeState(strategy=strategy, adapter_name=record.adapter_name, report=report)
+    _apply(inner, state, swaps)
     record.merge = state
     return report
+
+
+def _input_statistics(sums: dict, name: str):
+    """A forward pre-hook adding ``X^T X / n`` of a layer's inputs into ``sums[name]``."""
+
+    def hook(module, args):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        sums[name] = sums.get(name, 0) + x.T @ x / x.shape[0]
+
+    return hook
+
+
+def _apply(inner, state: merging.MergeState, swaps: dict) -> None:
+    for name, module in swaps.items():
+        state.originals[name] = inner.get_submodule(name)
+        _set(inner, name, module)
 
 
 def unmerge(model) -> None:

@@ -32,6 +32,8 @@ class MergeReport:
     output_error: float  # ||y_merged - y_ref|| / ||y_ref|| on the calibration batch
     max_abs_error: float
     layers: list[LayerMerge] = field(default_factory=list)
+    policy: str = ""  # the re-quantization policy kept ("fresh", "best", "best+inputs"), where there was a choice
+    candidates: dict = field(default_factory=dict)  # output error of each policy tried
 
     @property
     def mean_kept(self) -> float:
@@ -47,6 +49,9 @@ class MergeReport:
             f"merge {self.method!r} on {self.backend} ({self.strategy}): output error {self.output_error:.2e} "
             f"(max abs {self.max_abs_error:.2e}), {len(self.layers)} layers, mean weight change kept {self.mean_kept:.1%}"
         ]
+        if self.candidates:
+            tried = ", ".join(f"{name} {error:.2e}" for name, error in self.candidates.items())
+            lines.append(f"  policy kept: {self.policy} (output error of each tried: {tried})")
         worst = sorted(self.layers, key=lambda layer: layer.kept_error, reverse=True)[:5]
         lines += [f"  {layer.name}: kept {layer.kept:.1%} of ||dW||={layer.delta_norm:.3e}" for layer in worst]
         return "\n".join(lines)
