@@ -37,7 +37,7 @@ BACKENDS = {
     "eetq": None,
 }
 #: (peft, transformers): the oldest supported pair (pyproject's lower bounds) and the newest tested.
-COMPAT = [("0.17.0", "4.57.0"), ("0.21.2", "5.23.0")]
+COMPAT = [("0.19.0", "5.4.0"), ("0.21.2", "5.23.0")]
 ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -79,7 +79,12 @@ def compat(session, peft, transformers):
     session.install(f"peft=={peft}", f"transformers=={transformers}", "-c", "constraints-compat.txt")
     session.install("-e", ".[test,bnb,hqq,torchao]", "-c", "constraints-compat.txt")
     session.run("python", "-c", "import peft, transformers; print('peft', peft.__version__, 'transformers', transformers.__version__)")
-    pytest(session, "tests/test_capabilities.py", "tests/test_workflow.py", "tests/test_bad_input.py")
+    # the result is recorded for docs/compatibility.md (docs/matrix/compat-*.json); the session fails if a test did
+    junit = os.path.join(session.create_tmp(), "junit.xml")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "tests/test_capabilities.py",
+                "tests/test_workflow.py", "tests/test_bad_input.py", *session.posargs, env=ENV, success_codes=[0, 1])
+    session.run("python", "-m", "qadapt.compat_docs", "docs/matrix", f"compat-peft{peft}-tf{transformers}.json",
+                "--record-pair", junit, "--command", f'nox -s "compat(peft{peft}-tf{transformers})"')
 
 
 @nox.session

@@ -305,7 +305,7 @@ def _markdown(rows, args, base_loss, seconds):
         lines.append(f"| | no merge (adapter dropped) | {error:.2e} | {loss:.4f} | {math.exp(loss):.2f} | 0 | 0 |")
         for way in ways:
             error, loss, kept, worst = row[way]
-            name = f"**{way}** (default)" if way == "qadapt best" else way
+            name = f"**{way}**" if way == "qadapt default" else way
             lines.append(
                 f"| | {name} | {error:.2e} | {loss:.4f} | {math.exp(loss):.2f} | {kept:.1%} | {worst:.1%} |"
             )

@@ -16,6 +16,10 @@ VARIANTS = {
     "inc": [{"algorithm": "rtn", "bits": 4}],
 }
 
+#: checkpoints made on another machine (tests/data, relative to the repository root), for backends whose quantizer
+#: cannot run here: the adapter cells are verified on them instead (AWQ's scale search is CUDA-only).
+CHECKPOINTS = {"awq": "tests/data/awq-tiny"}
+
 
 def declared_rows(names=None) -> list[dict]:
     from .plugins import backends
@@ -37,48 +41,81 @@ def declared_rows(names=None) -> list[dict]:
 
 
 def verify(names=None) -> dict:
-    """Run :func:`qadapt.conformance.check_backend` for every backend that can run here."""
+    """Run :func:`qadapt.conformance.check_backend` for every backend that can run here.
+
+    The record holds what ``docs/compatibility.md`` is rendered from (``python -m qadapt.compat_docs``): the machine,
+    the versions, each backend's environment check, the declared table (with reasons) and every cell's outcome.
+    """
+    import datetime
     import importlib.metadata
+    import os
     import platform
+    import time
 
     from .conformance import check_backend
     from .plugins import backends
 
+    started = time.monotonic()
     versions = {}
     for package in ("torch", "transformers", "peft"):
         versions[package] = importlib.metadata.version(package)
     results = []
+    environments = {}
     for name, registration in backends().items():
         if names and name not in names:
             continue
         backend = registration.backend
         versions[backend.distribution or name] = backend.library_version()
         env = backend.check_environment()
+        environments[name] = {"ok": env.ok, "version": env.version, "reason": env.reason, "hint": env.hint}
         for options in VARIANTS.get(name, [{}]):
             if not env.ok:
                 results.append({"backend": name, "options": options, "outcome": "unavailable", "detail": env.reason})
                 continue
             try:
-                cells = check_backend(name, options)
+                calibration = None
+                if backend.needs_calibration(backend.validate_options(options)):
+                    calibration = _calibration()
+                cells = check_backend(name, options, calibration=calibration)
+                source = {}
+                checkpoint = CHECKPOINTS.get(name)
+                if (checkpoint and os.path.exists(checkpoint) and cells
+                        and all(cell.outcome == "unavailable" for cell in cells)):
+                    # quantizing cannot run here, but adapters on a checkpoint made elsewhere can be checked
+                    source = {"source": f"the stored checkpoint {checkpoint} (quantizing is unavailable here: "
+                                        f"{cells[0].detail})"}
+                    cells = check_backend(name, options, model_factory=lambda: checkpoint)
             except Exception as exc:
                 results.append({"backend": name, "options": options, "outcome": "failed", "detail": f"{type(exc).__name__}: {exc}"})
                 continue
             for cell in cells:
-                results.append({**cell.to_dict(), "options": options})
+                results.append({**cell.to_dict(), "options": options, **source})
     import torch
 
-    return {"machine": {"python": platform.python_version(), "cuda": torch.cuda.is_available(),
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - started, 1),
+            "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-            "versions": versions, "results": results}
+            "versions": versions, "environments": environments, "declared": declared_rows(names),
+            "results": results}
+
+
+def _calibration():
+    """Calibration batches for backends that need them: the test suite's, cut from local text (no downloads)."""
+    from . import toy
+
+    return toy.token_batches(toy.build_tokenizer(), batch_size=2, seq_len=32, count=4)
 
 
 def run(args) -> int:
     if args.verify:
         outcome = verify(args.backend)
+        outcome["command"] = " ".join(["qadapt", "matrix", "--verify"] + [f"--backend {b}" for b in args.backend or ()])
         failed = [r for r in outcome["results"] if r["outcome"].startswith("failed")]
         if args.output:
             with open(args.output, "w") as handle:
-                json.dump(outcome, handle, indent=2, default=str)
+                handle.write(_compact_json(outcome))
         if args.json:
             json.dump(outcome, sys.stdout, indent=2, default=str)
             print()
@@ -96,6 +133,18 @@ def run(args) -> int:
         return 0
     print(render_table(rows))
     return 0
+
+
+def _compact_json(record: dict) -> str:
+    """JSON with one list item per line: small files whose diffs show which cell changed."""
+    parts = []
+    for key, value in record.items():
+        if isinstance(value, list):
+            items = ",\n".join("    " + json.dumps(item, default=str) for item in value)
+            parts.append(f"  {json.dumps(key)}: [\n{items}\n  ]" if value else f"  {json.dumps(key)}: []")
+        else:
+            parts.append(f"  {json.dumps(key)}: {json.dumps(value, default=str)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def render_table(rows) -> str:
