@@ -237,6 +237,26 @@ def codebook_columns(absmax, code):
     return round_column
 
 
+def by_policy(backend, policy, weight, hessian, fresh, on_grid, on_grid_with_inputs):
+    """The policy logic every backend shares, given its own pieces.
+
+    :param fresh: the layer quantized afresh (PEFT's result).
+    :param on_grid: ``on_grid(policy)``: the layer rounded onto the original grid (``"grid"``) or the best per unit
+        (``"best"``); None where the layout is not covered (then ``fresh`` stands).
+    :param on_grid_with_inputs: ``on_grid_with_inputs()``: GPTQ-style rounding with ``hessian``, or None.
+    """
+    check_policy(policy)
+    if policy == "fresh":
+        return fresh
+    kept = on_grid(policy)
+    if kept is None or policy == "grid":
+        return kept if kept is not None else fresh
+    candidates = [fresh, kept]
+    if hessian is not None:
+        candidates.append(on_grid_with_inputs())
+    return closest(backend, candidates, weight, hessian)
+
+
 def closest(backend, candidates, target, hessian=None):
     """The candidate layer whose real de-quantized weight is closest to ``target``: in output error on the inputs
     ``hessian`` describes when given, else in weight error. Ties go to the earlier candidate."""

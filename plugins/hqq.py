@@ -129,19 +129,12 @@ class HQQBackend(QuantBackend):
         ``hessian`` (optional, (in, in) = X^T X of the layer's inputs on calibration data): the candidates then also
         include a GPTQ-style rounding onto the original grid, and the layer with the lowest OUTPUT error on those
         inputs is kept (fresh, i.e. PEFT's result, among them)."""
-        from ._requant import check_policy, closest
+        from ._requant import by_policy
 
-        check_policy(policy)
         fresh = self._requantize_fresh(module, weight)
-        if policy == "fresh":
-            return fresh
-        kept = self._requantize_on_grid(module, weight, fresh, policy)
-        if kept is None or policy == "grid":
-            return kept if kept is not None else fresh
-        candidates = [fresh, kept]
-        if hessian is not None:
-            candidates.append(self._requantize_gptq(module, weight, fresh, hessian))
-        return closest(self, candidates, weight, hessian)
+        return by_policy(self, policy, weight, hessian, fresh,
+                         lambda chosen: self._requantize_on_grid(module, weight, fresh, chosen),
+                         lambda: self._requantize_gptq(module, weight, fresh, hessian))
 
     def _requantize_gptq(self, module, weight, fresh, hessian):
         """GPTQ-style rounding onto the layer's original grid (its groups' scales and zeros)."""

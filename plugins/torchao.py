@@ -108,26 +108,27 @@ class TorchAOBackend(QuantBackend):
         ``hessian`` (optional, (in, in) = X^T X of the layer's inputs on calibration data): the candidates then also
         include a GPTQ-style rounding onto the original grid, and the layer with the lowest OUTPUT error on those
         inputs is kept (fresh, i.e. PEFT's result, among them)."""
-        from ._requant import check_policy, closest
+        from ._requant import by_policy
 
-        check_policy(policy)
         fresh = self._requantize_fresh(module, weight)
-        if policy == "fresh":
-            return fresh
         # the chosen codes are written into a second fresh layer of our own; ``fresh`` stays PEFT's result
-        kept = self._requantize_on_grid(module, weight, fresh, self._requantize_fresh(module, weight), policy)
-        if kept is None or policy == "grid":
-            return kept if kept is not None else fresh
-        candidates = [fresh, kept]
-        if hessian is not None and type(module.weight).__name__ == "Int8Tensor":
-            import torch
+        return by_policy(
+            self, policy, weight, hessian, fresh,
+            lambda chosen: self._requantize_on_grid(module, weight, fresh, self._requantize_fresh(module, weight), chosen),
+            lambda: self._requantize_gptq(module, weight, fresh, hessian),
+        )
 
-            from ._requant import affine_columns, gptq_on_grid
+    def _requantize_gptq(self, module, weight, fresh, hessian):
+        """GPTQ-style rounding onto the layer's per-row int8 grid; None for layouts it does not cover."""
+        if type(module.weight).__name__ != "Int8Tensor":
+            return None
+        import torch
 
-            step = module.weight.scale.float().view(-1, 1).expand(*weight.shape)
-            on_grid = gptq_on_grid(weight.float().to(step.device), hessian, affine_columns(step, torch.zeros_like(step), -128, 127))
-            candidates.append(self._requantize_on_grid(module, on_grid, fresh, self._requantize_fresh(module, weight), "grid"))
-        return closest(self, candidates, weight, hessian)
+        from ._requant import affine_columns, gptq_on_grid
+
+        step = module.weight.scale.float().view(-1, 1).expand(*weight.shape)
+        on_grid = gptq_on_grid(weight.float().to(step.device), hessian, affine_columns(step, torch.zeros_like(step), -128, 127))
+        return self._requantize_on_grid(module, on_grid, fresh, self._requantize_fresh(module, weight), "grid")
 
     def _requantize_on_grid(self, module, weight, fresh, holder, policy):
         import torch
