@@ -422,3 +422,43 @@ def clone_layer(module):
     if hasattr(clone, "optimized"):
         clone.optimized = False
     return clone.cpu()
+
+
+class PackedLayersBackend:
+    """What the gptq and awq backends share: gptqmodel's layers either hold the checkpoint's packed tensors as they are
+    (``kernel='torch'``: de-quantizable, re-quantizable, saved as they are) or are repacked for a faster kernel
+    (Marlin: read off the kernel's output, saved by copying the checkpoint they came from). A subclass of both this
+    and ``QuantBackend`` supplies ``format_name``, ``is_packed``, ``dequantize_packed``, ``requantize_packed`` and
+    ``checkpoint_tensors``."""
+
+    format_name = ""
+
+    def save(self, model, path, options):
+        from qadapt.errors import InvalidOptionError
+
+        source = getattr(model, SOURCE_ATTR, None)
+        layers = [m for m in model.modules() if self.is_quantized_layer(m)]
+        if layers and all(self.is_packed(m) for m in layers):
+            save_state(model, path, self.checkpoint_tensors)
+        elif source and os.path.isdir(source):  # Marlin: the base never changes, its checkpoint is the source's
+            for name in os.listdir(source):
+                if name.endswith((".safetensors", ".json")) and name != "qadapt.json":
+                    shutil.copy2(os.path.join(source, name), os.path.join(path, name))
+        else:
+            raise InvalidOptionError(
+                f"save a {self.format_name} model running the Marlin kernel", "its packed tensors are in Marlin's layout",
+                "Load the model with kernel='torch' to save it",
+            )
+
+    def dequantize(self, module):
+        return self.dequantize_packed(module) if self.is_packed(module) else probe_weight(module)
+
+    def requantize(self, module, weight):
+        from qadapt.errors import InvalidOptionError
+
+        if not self.is_packed(module):
+            raise InvalidOptionError(
+                f"re-quantize a {type(module).__name__} layer", "its weights are repacked for that kernel",
+                "Use merge(strategy='dequantize'), or load with kernel='torch'",
+            )
+        return self.requantize_packed(module, weight)

@@ -12,9 +12,6 @@ that layer applies to its (scaled) input: exactly what an adapter on that layer 
 
 from __future__ import annotations
 
-import os
-import shutil
-
 from qadapt.backend import Environment, Option, QuantBackend
 from qadapt.capabilities import declare, no, yes
 from qadapt.errors import BackendUnavailableError, InvalidOptionError
@@ -31,7 +28,7 @@ THROUGH_PROXY = (
 )
 
 
-class AWQBackend(QuantBackend):
+class AWQBackend(common.PackedLayersBackend, QuantBackend):
     name = "awq"
     proxy_methods = ("dora", "vera", "adalora", "ia3")
     summary = "AWQ via GPT-QModel (4-bit activation-aware; quantizing needs CUDA, loading runs on CPU too)"
@@ -124,20 +121,6 @@ class AWQBackend(QuantBackend):
             _compute_in_float32(model)
         return model
 
-    def save(self, model, path, options):
-        source = getattr(model, common.SOURCE_ATTR, None)
-        if _packed_in_place(model):
-            common.save_state(model, path, _checkpoint_tensors)
-        elif source and os.path.isdir(source):  # Marlin: the base never changes, its checkpoint is the source's
-            for name in os.listdir(source):
-                if name.endswith((".safetensors", ".json")) and name != "qadapt.json":
-                    shutil.copy2(os.path.join(source, name), os.path.join(path, name))
-        else:
-            raise InvalidOptionError(
-                "save an AWQ model running the Marlin kernel", "its packed tensors are in Marlin's layout",
-                "Load the model with kernel='torch' to save it",
-            )
-
     def is_quantized_checkpoint(self, path):
         return common.method_of(common.read_quantization_config(path)) == "awq"
 
@@ -147,18 +130,20 @@ class AWQBackend(QuantBackend):
 
         return (AWQuantLinear,)
 
-    def dequantize(self, module):
-        if _is_awq_packed(module):
-            return dequantize_awq(module)
-        return common.probe_weight(module)
+    # what PackedLayersBackend needs: this format's packing
+    format_name = "AWQ"
 
-    def requantize(self, module, weight):
-        if not _is_awq_packed(module):
-            raise InvalidOptionError(
-                f"re-quantize a {type(module).__name__} layer", "its weights are repacked for that kernel",
-                "Use merge(strategy='dequantize'), or load with kernel='torch'",
-            )
+    def is_packed(self, module):
+        return _is_awq_packed(module)
+
+    def dequantize_packed(self, module):
+        return dequantize_awq(module)
+
+    def requantize_packed(self, module, weight):
         return requantize_awq(module, weight)
+
+    def checkpoint_tensors(self, module):
+        return _checkpoint_tensors(module)
 
 
 # ---------------------------------------------------------------------------------------------- AWQ packing
@@ -167,12 +152,6 @@ def _is_awq_packed(module) -> bool:
 
     return isinstance(module, AwqTorchLinear)
 
-
-def _packed_in_place(model) -> bool:
-    from gptqmodel.nn_modules.qlinear import AWQuantLinear
-
-    layers = [m for m in model.modules() if isinstance(m, AWQuantLinear)]
-    return bool(layers) and all(_is_awq_packed(m) for m in layers)
 
 
 def _checkpoint_tensors(module):

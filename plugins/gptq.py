@@ -12,9 +12,6 @@ re-packed, so ``merge(strategy="requantize")`` is refused and ``save`` copies th
 
 from __future__ import annotations
 
-import os
-import shutil
-
 from qadapt.backend import Environment, Option, QuantBackend
 from qadapt.capabilities import declare, no, yes
 from qadapt.errors import InvalidOptionError
@@ -31,7 +28,7 @@ THROUGH_PROXY = (
 )
 
 
-class GPTQBackend(QuantBackend):
+class GPTQBackend(common.PackedLayersBackend, QuantBackend):
     name = "gptq"
     proxy_methods = ("dora", "vera", "adalora", "ia3")
     summary = "GPTQ via GPT-QModel (2/3/4/8 bits, calibrated; CPU and CUDA kernels)"
@@ -124,20 +121,6 @@ class GPTQBackend(QuantBackend):
             setattr(model, common.SOURCE_ATTR, None)
         return model
 
-    def save(self, model, path, options):
-        source = getattr(model, common.SOURCE_ATTR, None)
-        if _packed_in_place(model, self):
-            common.save_state(model, path, _checkpoint_tensors)
-        elif source and os.path.isdir(source):  # Marlin: the base never changes, its checkpoint is the source's
-            for name in os.listdir(source):
-                if name.endswith((".safetensors", ".json")) and name != "qadapt.json":
-                    shutil.copy2(os.path.join(source, name), os.path.join(path, name))
-        else:
-            raise InvalidOptionError(
-                "save a GPTQ model running the Marlin kernel", "its packed tensors are in Marlin's layout",
-                "Load the model with kernel='torch' to save it",
-            )
-
     def is_quantized_checkpoint(self, path):
         qconfig = common.read_quantization_config(path)
         return common.method_of(qconfig) == "gptq" or (qconfig is not None and common.method_of(qconfig) is None
@@ -149,18 +132,20 @@ class GPTQBackend(QuantBackend):
 
         return (BaseQuantLinear,)
 
-    def dequantize(self, module):
-        if _is_gptq_packed(module):
-            return dequantize_gptq(module)
-        return common.probe_weight(module)
+    # what PackedLayersBackend needs: this format's packing
+    format_name = "GPTQ"
 
-    def requantize(self, module, weight):
-        if not _is_gptq_packed(module):
-            raise InvalidOptionError(
-                f"re-quantize a {type(module).__name__} layer", "its weights are repacked for that kernel",
-                "Use merge(strategy='dequantize'), or load with kernel='torch'",
-            )
+    def is_packed(self, module):
+        return _is_gptq_packed(module)
+
+    def dequantize_packed(self, module):
+        return dequantize_gptq(module)
+
+    def requantize_packed(self, module, weight):
         return requantize_gptq(module, weight)
+
+    def checkpoint_tensors(self, module):
+        return _checkpoint_tensors(module)
 
 
 # ---------------------------------------------------------------------------------------------- GPTQ packing
@@ -170,10 +155,6 @@ def _is_gptq_packed(module) -> bool:
 
     return isinstance(module, PackableQuantLinear) and not getattr(module, "planar", False)
 
-
-def _packed_in_place(model, backend) -> bool:
-    layers = [m for m in model.modules() if backend.is_quantized_layer(m)]
-    return bool(layers) and all(_is_gptq_packed(m) for m in layers)
 
 
 def _int_zeros(module):
