@@ -28,7 +28,7 @@ import os
 import sys
 
 from qadapt.backend import Environment, Option, QuantBackend
-from qadapt.capabilities import declare, no, yes
+from qadapt.capabilities import declare, yes
 from qadapt.hookspecs import hookimpl
 
 ROW_PERMUTATION = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)

@@ -54,8 +54,6 @@ class HQQBackend(QuantBackend):
         return BaseQuantizeConfig(nbits=options["bits"], group_size=options["group_size"])
 
     def quantize(self, model, options, calibration=None):
-        import torch
-
         if isinstance(model, str):
             model = _load_full(model)
         quant_config = self._quant_config(options)

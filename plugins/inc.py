@@ -24,7 +24,7 @@ import json
 import os
 
 from qadapt.backend import Environment, Option, QuantBackend
-from qadapt.capabilities import declare, no, yes
+from qadapt.capabilities import declare, yes
 from qadapt.hookspecs import hookimpl
 
 LAYOUT_FILE = "inc_layers.json"

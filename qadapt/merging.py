@@ -72,8 +72,6 @@ def merged_weight(layer, method: str, adapter: str, weight):
 
     Returns ``(W', bias_scale)``: ``bias_scale`` is a vector to multiply the bias with (IA3 on outputs) or None.
     """
-    import torch
-
     if method in ("lora", "vera", "adalora"):
         if method == "lora" and adapter in getattr(layer, "lora_variant", {}):  # DoRA
             return layer.lora_variant[adapter].merge_safe(layer, adapter, weight.to(_adapter_dtype(layer, adapter))).float(), None

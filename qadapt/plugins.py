@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import sys
 import traceback
 from dataclasses import dataclass
 

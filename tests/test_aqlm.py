@@ -7,7 +7,6 @@ here: aqlm's own de-quantization, dense matmuls, round-to-nearest quantization, 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import pytest

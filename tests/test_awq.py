@@ -18,7 +18,7 @@ pytest.importorskip("gptqmodel", reason="AWQ backend needs `pip install 'qadapt[
 
 import qadapt  # noqa: E402
 from qadapt import toy  # noqa: E402
-from qadapt.errors import BackendUnavailableError, IncompatibleError  # noqa: E402
+from qadapt.errors import BackendUnavailableError  # noqa: E402
 from qadapt_plugins import _gptqmodel_common as common  # noqa: E402
 from qadapt_plugins.awq import AWQBackend  # noqa: E402
 

@@ -13,7 +13,7 @@ pytest.importorskip("gptqmodel", reason="GPTQ backend needs `pip install 'qadapt
 
 import qadapt  # noqa: E402
 from qadapt import toy  # noqa: E402
-from qadapt.errors import IncompatibleError, InvalidOptionError  # noqa: E402
+from qadapt.errors import InvalidOptionError  # noqa: E402
 from qadapt_plugins import _gptqmodel_common as common  # noqa: E402
 from qadapt_plugins.gptq import GPTQBackend  # noqa: E402
 
