@@ -41,8 +41,8 @@ def save(model, path: str, *, overwrite: bool = False) -> str:
         backend, backend_name, options = UNQUANTIZED, None, {}
     else:
         backend_name, options = record.backend, record.options
-    if record.method and merged is None and not backend.capabilities(options)[(record.method, "save")]:
-        support = backend.capabilities(options)[(record.method, "save")]
+    support = backend.capabilities(options)[(record.method, "save")] if record.method and merged is None else None
+    if support is not None and not support:
         raise IncompatibleError(f"save a {record.method!r} adapter on backend '{record.backend}'", support.reason, support.hint)
 
     parent = os.path.dirname(os.path.abspath(path))
