@@ -160,7 +160,7 @@ def build_qadapt(name, flags, ctx):
         options["double_quant"] = False
     if backend in ("gptq", "awq"):
         options["dtype"] = dtype_name(dtype)
-        options["kernel"] = "marlin" if device == "cuda" else "torch"
+        options["kernel"] = "torch"  # the trainable kernel (gptqmodel's Marlin layers refuse training mode)
     if backend is None:
         sync(device)
         start = time.perf_counter()

@@ -123,6 +123,32 @@ def require_cuda_for_marlin(backend: str) -> None:
                                  "Use kernel='torch' (the default), which runs on CPU and GPU")
 
 
+def check_marlin_options(backend: str, options) -> None:
+    """Marlin needs a CUDA GPU and computes in half precision."""
+    from qadapt.errors import InvalidOptionError
+
+    require_cuda_for_marlin(backend)
+    if options["dtype"] == "float32":
+        raise InvalidOptionError(
+            f"backend '{backend}' with kernel='marlin', dtype='float32'",
+            "Marlin's kernels compute in float16 or bfloat16 only",
+            "Pass dtype='float16' (or 'bfloat16') with kernel='marlin'",
+        )
+
+
+def marlin_table():
+    """The capability table of a Marlin base (measured on an H100, gptqmodel 7.7): nothing trains on it."""
+    from qadapt.capabilities import METHODS, declare, no
+
+    cell = no(
+        "gptqmodel's Marlin layers refuse training mode (NotImplementedError: 'switching to training mode'); Marlin "
+        "is an inference kernel",
+        "Train with kernel='torch' (it runs on CUDA too), then load the saved adapter onto a kernel='marlin' base "
+        "with qadapt.load_adapter to serve it",
+    )
+    return declare(train={method: cell for method in METHODS}, requantize=cell, dequantize=cell, save=cell)
+
+
 def device() -> str:
     return "cuda:0" if _cuda_available() else "cpu"
 
@@ -310,6 +336,40 @@ def save_wrapper(wrapper, path: str) -> None:
         for name in os.listdir(tmp):
             if name != "quant_log.csv":
                 shutil.move(os.path.join(tmp, name), os.path.join(path, name))
+
+
+def save_to_temporary_folder(wrapper, backend_name: str) -> str:
+    """Save a model gptqmodel just quantized into a new temporary folder; see :func:`load_from_temporary_folder`."""
+    folder = tempfile.mkdtemp(prefix=f"qadapt-{backend_name}-")
+    try:
+        save_wrapper(wrapper, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_from_temporary_folder(backend, folder: str, options):
+    """Load the folder :func:`save_to_temporary_folder` wrote, with the asked kernel, and dispose of the folder.
+
+    gptqmodel leaves freshly packed layers in the checkpoint's zero-point convention (v1), which its own forward does
+    not expect: the quantized model is right once saved and loaded again. With ``kernel='torch'`` the layers hold the
+    packed tensors and the folder is removed at once; Marlin repacks them into its own layout, so the folder stays
+    beside the model (``save`` copies it) and is removed when the model is garbage-collected.
+    """
+    import weakref
+
+    try:
+        model = backend.load(folder, options)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if all(backend.is_packed(m) for m in model.modules() if backend.is_quantized_layer(m)):
+        setattr(model, SOURCE_ATTR, None)
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        weakref.finalize(model, shutil.rmtree, folder, True)
+    return model
 
 
 def read_quantization_config(path: str) -> dict | None:

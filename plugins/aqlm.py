@@ -15,13 +15,13 @@ checkpoints are what transformers' ``AqlmConfig`` loads (``quantization_config``
   races: its ``prange`` loop adds into shared output elements, so with more than one numba thread results are wrong
   and change from call to call (measured: errors of 30% of the output's magnitude on 2 cores). qadapt therefore
   gives every AQLM layer on CPU aqlm's own de-quantizing kernel (``_dequantize_weight`` + ``F.linear``) for forward
-  and backward; on CUDA the layer uses aqlm's CUDA/Triton kernels as usual.
+  and backward, and on CUDA too (see ``_DequantMatmul``: aqlm's CUDA training kernels for 256-entry codebooks pass
+  back a wrong input gradient, measured on an H100).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 
@@ -160,7 +160,8 @@ class AqlmBackend(QuantBackend):
         model.config.quantization_config = config
         model.config._is_quantized = True
         install_cpu_kernels(model)
-        return model
+        # the codebooks are fitted on CPU; where there is a CUDA GPU the model goes there, as every backend's do
+        return model.to("cuda:0") if torch.cuda.is_available() else model
 
     # ------------------------------------------------------------------ load / save
     def load(self, path, options):
@@ -273,27 +274,15 @@ def _make_layer(linear, result, options):
 
 
 class _DequantMatmul:
-    """Stands in for aqlm's ``gemv_op``/``gemm_op`` (objects with ``apply``): on CPU, aqlm's de-quantizing kernel
-    with a plain backward; on CUDA, aqlm's own kernels (built as aqlm's ``prepare_matmul_op`` builds them)."""
-
-    def __init__(self):
-        self._cuda_ops = {}
+    """Stands in for aqlm's ``gemv_op``/``gemm_op`` (objects with ``apply``): aqlm's de-quantizing function
+    (``_dequantize_weight`` + ``F.linear``) with a plain backward, on CPU and CUDA alike. aqlm's own CUDA kernels are
+    not used for training: measured on an H100 (aqlm 1.1.7, ``bench/aqlm_cuda_kernels.py``, docs/gpu-runs.md), their
+    outputs are right, but for 256-entry codebooks (2x8, 1x8) the gradient their training path (more than 6 rows)
+    passes back to the input is wrong by 27% at every shape tried, in float16 and bfloat16; and in float32 they
+    refuse to run."""
 
     def apply(self, input, codes, codebooks, scales, bias):
-        if codebooks.is_cuda:
-            return self._cuda_op(codebooks, math.prod(input.shape[:-1]) > 6).apply(input, codes, codebooks, scales, bias)
         return _dequant_function().apply(input, codes, codebooks, scales, bias)
-
-    def _cuda_op(self, codebooks, for_training):
-        from aqlm.inference import _get_autograd_matmul_op
-        from aqlm.inference_kernels import get_backward_pass_kernel, get_forward_pass_kernel
-
-        key = (tuple(codebooks.shape), for_training)
-        if key not in self._cuda_ops:
-            self._cuda_ops[key] = _get_autograd_matmul_op(
-                get_forward_pass_kernel(codebooks, for_training), get_backward_pass_kernel(codebooks, for_training)
-            )
-        return self._cuda_ops[key]
 
 
 _FUNCTION = None

@@ -4,7 +4,8 @@ Quantizing needs a CUDA GPU (gptqmodel's AWQ search raises "AWQ: CUDA is not ava
 without one, ``quantize`` refuses before any work. Loading AWQ checkpoints (the "gemm" format of AutoAWQ, vLLM and
 transformers: ``qweight``/``qzeros`` packed along the output dimension in AWQ's interleaved order, ``scales``) works
 on CPU and GPU with gptqmodel's pure-PyTorch ``AwqTorchLinear`` (``kernel="torch"``, the default); on CUDA
-``kernel="marlin"`` is faster but repacks the weights (no re-quantizing merge).
+``kernel="marlin"`` (float16/bfloat16) is faster for inference but repacks the weights and refuses training mode:
+train with ``kernel="torch"``, then serve the adapter on a Marlin base (``qadapt.load_adapter``).
 
 AWQ folds its per-channel activation scales into the preceding layers, so a layer's de-quantized weight is the weight
 that layer applies to its (scaled) input: exactly what an adapter on that layer sees, and what a merge must change.
@@ -41,14 +42,14 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
         Option("group_size", 128, "weights sharing one scale and zero", choices=(32, 64, 128)),
         Option("zero_point", True, "asymmetric quantization with zero points (AWQ's default)", type=bool),
         Option("kernel", "torch", "gptqmodel kernel: 'torch' (CPU/CUDA, re-quantizable) or 'marlin' (CUDA, faster)",
-               choices=tuple(KERNELS)),
+               choices=tuple(KERNELS), runtime=True),
         Option("dtype", "float32", "dtype of activations and unquantized weights (scales stay in half precision)",
-               choices=("float32", "bfloat16", "float16")),
+               choices=("float32", "bfloat16", "float16"), runtime=True),
     )
 
     def check_option_combination(self, options):
         if options["kernel"] == "marlin":
-            common.require_cuda_for_marlin(self.name)
+            common.check_marlin_options(self.name, options)
         return options
 
     def check_environment(self) -> Environment:
@@ -58,16 +59,10 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
         return env
 
     def capabilities(self, options):
-        marlin = options.get("kernel") == "marlin"
-        requantize = (
-            no(
-                "the Marlin kernel repacks weights into its own tile layout; qadapt cannot pack a merged weight into it",
-                "Use merge(strategy='dequantize'), or load with kernel='torch' to merge back into AWQ",
-            )
-            if marlin
-            else yes("the merged weight is rounded onto the layer's own grid (scales, zero points); groups it overflows "
-                     "get fresh min-max scales (RTN)")
-        )
+        if options.get("kernel") == "marlin":
+            return common.marlin_table()
+        requantize = yes("the merged weight is rounded onto the layer's own grid (scales, zero points); groups it "
+                         "overflows get fresh min-max scales (RTN)")
         return declare(
             train={
                 "lora": yes("PEFT's AwqLoraLinear wraps gptqmodel's AWQ layers"),
@@ -77,15 +72,12 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
                 "ia3": yes(THROUGH_PROXY.format("IA3")),
             },
             requantize=requantize,
-            dequantize=yes("qweight/qzeros (AWQ order) and scales are unpacked to the float weight"
-                           + (" (read off the kernel's output on the identity matrix)" if marlin else "")),
+            dequantize=yes("qweight/qzeros (AWQ order) and scales are unpacked to the float weight"),
             save=yes("the AWQ 'gemm' checkpoint format (safetensors + quantization_config)"),
         )
 
     # ------------------------------------------------------------------ heavy work
     def quantize(self, model, options, calibration=None):
-        import tempfile
-
         import torch
 
         if not torch.cuda.is_available():
@@ -104,19 +96,17 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
         config = AWQConfig(bits=options["bits"], group_size=options["group_size"], sym=not options["zero_point"],
                            offload_to_disk=False)
         half = "float16" if options["dtype"] == "float32" else options["dtype"]
-        with common.source_folder(model) as folder, tempfile.TemporaryDirectory(prefix="qadapt-awq-") as tmp:
+        with common.source_folder(model) as folder:
             with common.quiet():
                 wrapper = gptqmodel.GPTQModel.load(folder, config, device=common.device(), dtype=getattr(torch, half))
                 with common.logs_elsewhere():
                     wrapper.quantize(common.calibration_dicts(calibration))
-            common.save_wrapper(wrapper, tmp)
-            del wrapper
-            return self.load(tmp, options, _keep_source=False)
+            saved = common.save_to_temporary_folder(wrapper, self.name)  # while the source folder still exists
+        del wrapper  # free its copy of the weights before loading the saved one
+        return common.load_from_temporary_folder(self, saved, options)
 
-    def load(self, path, options, _keep_source=True):
+    def load(self, path, options):
         model = common.load_quantized(path, KERNELS[options["kernel"]], options["dtype"])
-        if not _keep_source:
-            setattr(model, common.SOURCE_ATTR, None)
         if options["dtype"] == "float32":
             _compute_in_float32(model)
         return model

@@ -23,7 +23,8 @@ class BitsAndBytesBackend(QuantBackend):
         Option("bits", 4, "4-bit (NF4/FP4) or 8-bit (LLM.int8) weights", choices=(4, 8)),
         Option("quant_type", "nf4", "4-bit data type", choices=("nf4", "fp4")),
         Option("double_quant", True, "also quantize the 4-bit scales (saves ~0.37 bits/parameter)"),
-        Option("compute_dtype", "auto", "dtype of the 4-bit matmul ('auto': the model's dtype)", choices=("auto",) + DTYPES),
+        Option("compute_dtype", "auto", "dtype of the 4-bit matmul ('auto': the model's dtype)",
+               choices=("auto",) + DTYPES, runtime=True),
         Option("blocksize", 64, "4-bit quantization block size", choices=(64, 128, 256)),
     )
 

@@ -77,7 +77,7 @@ class EETQBackend(QuantBackend):
     install_hint = "pip install eetq (Python 3.10 wheel only; CUDA GPU of compute capability 7.5-8.9)"
     options = (
         Option("kernel", "auto", "eetq: EETQ's CUDA kernel; torch: de-quantize EETQ's format and matmul in torch; "
-               "auto: eetq where it runs, else torch", choices=("auto", "eetq", "torch")),
+               "auto: eetq where it runs, else torch", choices=("auto", "eetq", "torch"), runtime=True),
     )
 
     # ------------------------------------------------------------------ environment
@@ -144,7 +144,7 @@ class EETQBackend(QuantBackend):
         for name, module in list(model.named_modules()):
             if isinstance(module, torch.nn.Linear) and module is not head:
                 _replace(model, name, layer_class().from_linear(module, kernel=kernel))
-        return model
+        return _to_gpu_if_any(model)
 
     def is_quantized_checkpoint(self, path):
         try:
@@ -181,7 +181,7 @@ class EETQBackend(QuantBackend):
                                   "Is this an EETQ checkpoint of this architecture?")
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
-        return model.eval()
+        return _to_gpu_if_any(model.eval())
 
     def save(self, model, path, options):
         from safetensors.torch import save_file
@@ -347,6 +347,13 @@ def _layer_class():
             return grad @ weight, None
 
     return _EetqTorchLinear
+
+
+def _to_gpu_if_any(model):
+    """Where there is a CUDA GPU the model goes there, as every backend's models do."""
+    import torch
+
+    return model.to("cuda:0") if torch.cuda.is_available() else model
 
 
 _CLASSES = {}

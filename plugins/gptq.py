@@ -6,8 +6,9 @@ Quantizes with ``gptqmodel.GPTQModel`` (transformers' own ``GPTQConfig`` path im
 
 Kernels: ``kernel="torch"`` (default) is gptqmodel's ``TorchLinear``: pure PyTorch, CPU and CUDA, trainable, and its
 packed tensors are the checkpoint's, so qadapt can de-quantize, re-quantize and save them. ``kernel="marlin"`` (CUDA,
-4/8-bit symmetric) repacks weights for speed: adapters train and merge in full precision, but a layer cannot be
-re-packed, so ``merge(strategy="requantize")`` is refused and ``save`` copies the source checkpoint's tensors.
+4/8-bit symmetric, float16/bfloat16) repacks weights for fast inference: gptqmodel's Marlin layers refuse training
+mode, so adapters are trained with ``kernel="torch"`` and loaded onto a Marlin base to serve (``qadapt.load_adapter``);
+``save`` copies the checkpoint the base was loaded from (the repacked layout is never written back).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class GPTQBackend(common.PackedLayersBackend, QuantBackend):
         Option("desc_act", False, "quantize columns in order of decreasing activation (act-order)", type=bool),
         Option("sym", True, "symmetric quantization (zero point fixed at the middle)", type=bool),
         Option("kernel", "torch", "gptqmodel kernel: 'torch' (CPU/CUDA, re-quantizable) or 'marlin' (CUDA, faster)",
-               choices=tuple(KERNELS)),
+               choices=tuple(KERNELS), runtime=True),
         Option("dtype", "float32", "dtype of activations and unquantized weights (the packed weights' scales stay in "
-               "half precision)", choices=("float32", "bfloat16", "float16")),
+               "half precision)", choices=("float32", "bfloat16", "float16"), runtime=True),
     )
 
     # ------------------------------------------------------------------ environment and options
@@ -53,7 +54,7 @@ class GPTQBackend(common.PackedLayersBackend, QuantBackend):
 
     def check_option_combination(self, options):
         if options["kernel"] == "marlin":
-            common.require_cuda_for_marlin(self.name)
+            common.check_marlin_options(self.name, options)
             if options["bits"] not in (4, 8) or not options["sym"]:
                 raise InvalidOptionError(
                     f"backend 'gptq' with kernel='marlin', bits={options['bits']}, sym={options['sym']}",
@@ -63,16 +64,10 @@ class GPTQBackend(common.PackedLayersBackend, QuantBackend):
         return options
 
     def capabilities(self, options):
-        marlin = options.get("kernel") == "marlin"
-        requantize = (
-            no(
-                "the Marlin kernel repacks weights into its own tile layout; qadapt cannot pack a merged weight into it",
-                "Use merge(strategy='dequantize'), or load with kernel='torch' to merge back into GPTQ",
-            )
-            if marlin
-            else yes("the merged weight is rounded onto the layer's own grid (scales, zero points, g_idx); groups it "
-                     "overflows get fresh min-max scales (RTN)")
-        )
+        if options.get("kernel") == "marlin":
+            return common.marlin_table()
+        requantize = yes("the merged weight is rounded onto the layer's own grid (scales, zero points, g_idx); groups "
+                         "it overflows get fresh min-max scales (RTN)")
         return declare(
             train={
                 "lora": yes("PEFT's GPTQLoraLinear wraps gptqmodel's quantized layers"),
@@ -82,8 +77,7 @@ class GPTQBackend(common.PackedLayersBackend, QuantBackend):
                 "ia3": yes(THROUGH_PROXY.format("IA3")),
             },
             requantize=requantize,
-            dequantize=yes("qweight/qzeros/scales/g_idx are unpacked to the float weight"
-                           + (" (read off the kernel's output on the identity matrix)" if marlin else "")),
+            dequantize=yes("qweight/qzeros/scales/g_idx are unpacked to the float weight"),
             save=yes("the standard GPTQ checkpoint format (safetensors + quantize_config.json)"),
         )
 
@@ -101,25 +95,18 @@ class GPTQBackend(common.PackedLayersBackend, QuantBackend):
             bits=options["bits"], group_size=options["group_size"], desc_act=options["desc_act"], sym=options["sym"],
             pack_impl="original", offload_to_disk=False,
         )
-        import tempfile
-
-        with common.source_folder(model) as folder, tempfile.TemporaryDirectory(prefix="qadapt-gptq-") as tmp:
+        with common.source_folder(model) as folder:
             with common.quiet():
                 half = "float16" if options["dtype"] == "float32" else options["dtype"]
                 wrapper = gptqmodel.GPTQModel.load(folder, config, device=common.device(), dtype=getattr(torch, half))
                 with common.logs_elsewhere():
                     wrapper.quantize(common.calibration_dicts(calibration))
-            # gptqmodel leaves the freshly packed layers in the checkpoint's zero-point convention (v1), which its
-            # own forward does not expect: the quantized model is right once saved and loaded again.
-            common.save_wrapper(wrapper, tmp)
-            del wrapper
-            return self.load(tmp, options, _keep_source=False)
+            saved = common.save_to_temporary_folder(wrapper, self.name)  # while the source folder still exists
+        del wrapper  # free its copy of the weights before loading the saved one
+        return common.load_from_temporary_folder(self, saved, options)
 
-    def load(self, path, options, _keep_source=True):
-        model = common.load_quantized(path, KERNELS[options["kernel"]], options["dtype"])
-        if not _keep_source:
-            setattr(model, common.SOURCE_ATTR, None)
-        return model
+    def load(self, path, options):
+        return common.load_quantized(path, KERNELS[options["kernel"]], options["dtype"])
 
     def is_quantized_checkpoint(self, path):
         qconfig = common.read_quantization_config(path)

@@ -30,7 +30,7 @@ class HQQBackend(QuantBackend):
         Option("bits", 4, "bits per weight", choices=(1, 2, 3, 4, 8)),
         Option("group_size", 64, "weights sharing one scale and zero", choices=(16, 32, 64, 128, 256)),
         Option("compute_dtype", "auto", "dtype of the de-quantized matmul ('auto': the model's dtype)",
-               choices=("auto", "float32", "bfloat16", "float16")),
+               choices=("auto", "float32", "bfloat16", "float16"), runtime=True),
     )
 
     def capabilities(self, options):
@@ -106,7 +106,8 @@ class HQQBackend(QuantBackend):
         missing = [k for k in missing if not any(k.startswith(n + ".") for n in layout["layers"])]
         if missing or unexpected:
             raise ValueError(f"HQQ checkpoint does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        return model.eval()
+        # the HQQ layers are on the device already; embeddings, norms and head join them
+        return (model.to(device) if device != "cpu" else model).eval()
 
     def is_quantized_checkpoint(self, path):
         return os.path.exists(os.path.join(path, LAYOUT_FILE))

@@ -24,7 +24,8 @@ class TorchAOBackend(QuantBackend):
     distribution = "torchao"
     install_hint = "pip install 'qadapt[torchao]'"
     options = (
-        Option("scheme", "int8_weight_only", "torchao quantization scheme", choices=("int8_weight_only", "int4_weight_only")),
+        Option("scheme", "int8_weight_only", "torchao quantization scheme (int4_weight_only: CUDA only, computes in "
+               "bfloat16)", choices=("int8_weight_only", "int4_weight_only")),
         Option("group_size", 128, "int4 group size (int4_weight_only only)", choices=(32, 64, 128, 256)),
     )
 
@@ -55,7 +56,12 @@ class TorchAOBackend(QuantBackend):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
         if options["scheme"] == "int4_weight_only":
-            return Int4WeightOnlyConfig(group_size=options["group_size"])
+            from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+            # tinygemm's layout: its kernel is part of PyTorch's CUDA build (the default "plain" layout needs the
+            # separate mslk kernel library)
+            return Int4WeightOnlyConfig(group_size=options["group_size"],
+                                        int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
         return Int8WeightOnlyConfig()
 
     def quantize(self, model, options, calibration=None):
@@ -71,7 +77,8 @@ class TorchAOBackend(QuantBackend):
                 "Use scheme='int8_weight_only' on CPU",
             )
         quiet_transformers()
-        dtype = model_dtype(model)
+        # tinygemm's int4 kernel takes bfloat16 only: an int4 model computes in bfloat16 whatever it was given in
+        dtype = torch.bfloat16 if options["scheme"] == "int4_weight_only" else model_dtype(model)
         device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
         with as_pretrained_dir(model) as path:
             return AutoModelForCausalLM.from_pretrained(

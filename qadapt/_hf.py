@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 import tempfile
 from contextlib import contextmanager
 
@@ -19,10 +21,19 @@ def as_pretrained_dir(model):
 
 
 def model_dtype(model):
+    """The dtype of an in-memory model; for a folder, the dtype its config.json records (what transformers'
+    ``dtype="auto"`` loads it in), float32 where it records none."""
     import torch
 
-    if isinstance(model, str):
-        return torch.float32
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            with open(os.path.join(model, "config.json"), encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            return torch.float32
+        name = config.get("dtype") or config.get("torch_dtype")
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
     return getattr(model, "dtype", torch.float32)
 
 

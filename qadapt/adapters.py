@@ -180,3 +180,17 @@ def register_custom_layers(config, backend) -> None:
     custom = backend.peft_layer_types()
     if custom and hasattr(config, "_register_custom_module"):
         config._register_custom_module(custom)
+
+
+def freeze_constants(peft_model) -> None:
+    """Freeze the adapter tensors PEFT means to be constants.
+
+    AdaLoRA keeps its rank count ``ranknum`` as an ``nn.Parameter`` created with ``requires_grad=False``; when PEFT
+    moves the adapter to its base layer's device or dtype (a GPU, a bfloat16 model) it wraps the moved tensor in a new,
+    trainable Parameter (PEFT 0.21). The optimizer then changes it, and since it is not saved with the adapter, a
+    reloaded model differs from the trained one (4e-4 relative on the toy Llama, found by ``qadapt matrix --verify``
+    on an H100).
+    """
+    for name, parameter in peft_model.named_parameters():
+        if ".ranknum." in name:
+            parameter.requires_grad_(False)

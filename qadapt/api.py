@@ -121,6 +121,7 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
         proxy.wrap(model, proxy_targets(model, targets), backend)
     with adapters.fast_dispatch(backend.name):
         peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    adapters.freeze_constants(peft_model)
     record.method, record.adapter_name = method, adapter_name
     return peft_model
 

@@ -26,13 +26,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class Option:
-    """One option a backend accepts in ``qadapt.load(..., backend=NAME, **options)``."""
+    """One option a backend accepts in ``qadapt.load(..., backend=NAME, **options)``.
+
+    ``runtime=True`` marks an option that says how the quantized weights are run (a kernel, a compute dtype), not what
+    they are: an adapter trained on a base moves freely to a base that differs from it only in runtime options.
+    """
 
     name: str
     default: Any
     help: str
     choices: tuple | None = None
     type: type | None = None
+    runtime: bool = False
 
     def validate(self, backend: str, value: Any) -> Any:
         expected = self.type or type(self.default)

@@ -229,6 +229,7 @@ def load_adapter(model, adapter_dir: str, *, strict: bool = True, is_trainable: 
     except Exception as exc:
         raise CheckpointError(f"load adapter {adapter_dir!r}", f"PEFT could not load it ({type(exc).__name__}: {exc})",
                               "Save the adapter again") from exc
+    adapters.freeze_constants(peft_model)
     record.method = provenance["method"]
     return peft_model
 
@@ -238,7 +239,18 @@ def _differences(provenance: dict, record) -> list[str]:
     if provenance.get("backend") != record.backend:
         found.append(f"backend {provenance.get('backend')!r} (adapter) vs {record.backend!r} (base)")
     saved, current = provenance.get("options") or {}, record.options or {}
-    for key in sorted(set(saved) | set(current)):
+    runtime = _runtime_options(record.backend) if provenance.get("backend") == record.backend else set()
+    for key in sorted((set(saved) | set(current)) - runtime):
         if saved.get(key) != current.get(key):
             found.append(f"{key}={saved.get(key)!r} (adapter) vs {current.get(key)!r} (base)")
     return found
+
+
+def _runtime_options(backend_name) -> set[str]:
+    """Names of the options that choose how weights run (kernel, compute dtype), which an adapter does not depend on."""
+    from .plugins import get_backend
+
+    try:
+        return {option.name for option in get_backend(backend_name).options if option.runtime}
+    except QadaptError:  # the backend is not installed here: compare every option
+        return set()

@@ -72,6 +72,13 @@ def live_declaration(backends) -> dict:
     return rows
 
 
+def _not_run(backend: str, machine: str) -> str:
+    from .matrix import NOT_RUN_ON
+
+    reason = NOT_RUN_ON.get((backend, machine))
+    return f"not run on {machine.upper()}: {reason}" if reason else f"not yet run on {machine.upper()}"
+
+
 # --------------------------------------------------------------------------- judging
 def classify(declared: bool | None, outcome: str | None) -> str:
     """One of: passed, refused, skipped, unavailable, contradicted, not run."""
@@ -132,7 +139,7 @@ def render(records: dict, pairs: list[dict] | None = None, live: dict | None = N
         indexes = {machine: _index(by_machine.get(machine)) for machine in MACHINES}
         sections.append(f"## {backend}\n")
         for machine in MACHINES:
-            sections.append(_run_summary(machine, by_machine.get(machine)))
+            sections.append(_run_summary(backend, machine, by_machine.get(machine)))
         sections.append("")
 
         declared = {}  # (options_key, method, operation) -> row, recorded declaration (CPU first, then GPU)
@@ -180,7 +187,7 @@ def render(records: dict, pairs: list[dict] | None = None, live: dict | None = N
                     for machine in MACHINES:
                         record = by_machine.get(machine)
                         if record is None:
-                            runs.append(f"not yet run on {machine.upper()}")
+                            runs.append(_not_run(backend, machine))
                             continue
                         result = indexes[machine].get(cell)
                         if whole[machine] is not None and (result is None or result["outcome"] == "unavailable"):
@@ -226,7 +233,7 @@ def render(records: dict, pairs: list[dict] | None = None, live: dict | None = N
         cols = []
         for machine in MACHINES:
             record = records[backend].get(machine)
-            cols.append(f"{_counts(record)} ({record.get('date', '?')[:10]})" if record else f"not yet run on {machine.upper()}")
+            cols.append(f"{_counts(record)} ({record.get('date', '?')[:10]})" if record else _not_run(backend, machine))
         head.append(f"| {backend} | {cols[0]} | {cols[1]} |")
     head.append("")
     if contradictions:
@@ -281,9 +288,9 @@ def _all_unavailable(index: dict, key: str) -> dict | None:
     return None
 
 
-def _run_summary(machine: str, record: dict | None) -> str:
+def _run_summary(backend: str, machine: str, record: dict | None) -> str:
     if record is None:
-        return f"- {machine.upper()}: not yet run on {machine.upper()}."
+        return f"- {machine.upper()}: {_not_run(backend, machine)}."
     info = record.get("machine", {})
     where = info.get("gpu") if info.get("cuda") else f"CPU only ({info.get('cpus', '?')} cores)"
     versions = ", ".join(f"{k} {v or '(not installed)'}" for k, v in record.get("versions", {}).items())

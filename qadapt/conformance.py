@@ -224,6 +224,11 @@ def _snapshot(model) -> dict:
     snapshot = {}
     for name, param in model.named_parameters():
         data = param.detach()
+        if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+            # a tensor subclass (torchao): its inner tensors, as stored (some layouts cannot de-quantize)
+            for inner in data.__tensor_flatten__()[0]:
+                snapshot[f"{name}:{inner}"] = getattr(data, inner).detach().clone()
+            continue
         if type(data) is not torch.Tensor and hasattr(data, "dequantize"):
             data = data.dequantize()
         snapshot[name] = data.clone()

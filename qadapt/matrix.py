@@ -6,6 +6,7 @@ import json
 import sys
 
 from .capabilities import METHODS, OPERATIONS
+from .errors import QadaptError
 
 #: option sets the matrix shows and verifies, per backend (others: the defaults)
 VARIANTS = {
@@ -16,9 +17,25 @@ VARIANTS = {
     "inc": [{"algorithm": "rtn", "bits": 4}],
 }
 
+#: option sets verified only where a CUDA GPU is present (and shown in the declared table everywhere)
+GPU_VARIANTS = {
+    "gptq": [{"kernel": "marlin", "dtype": "float16"}],
+    "awq": [{"kernel": "marlin", "dtype": "float16"}],
+}
+
+#: (backend, machine) pairs with no record by design, and why (shown in docs/compatibility.md)
+NOT_RUN_ON = {
+    ("inc", "gpu"): "INC's weight-only layers are CPU code (its FP8 path needs Intel Gaudi)",
+}
+
 #: checkpoints made on another machine (tests/data, relative to the repository root), for backends whose quantizer
 #: cannot run here: the adapter cells are verified on them instead (AWQ's scale search is CUDA-only).
 CHECKPOINTS = {"awq": "tests/data/awq-tiny"}
+
+
+def variants(name: str) -> list[dict]:
+    """The option sets of ``name`` the matrix covers: its VARIANTS (else its defaults), then its GPU_VARIANTS."""
+    return VARIANTS.get(name, [{}]) + GPU_VARIANTS.get(name, [])
 
 
 def declared_rows(names=None) -> list[dict]:
@@ -29,8 +46,13 @@ def declared_rows(names=None) -> list[dict]:
         if names and name not in names:
             continue
         backend = registration.backend
-        for options in VARIANTS.get(name, [{}]):
-            resolved = backend.validate_options(options)
+        for options in variants(name):
+            try:
+                resolved = backend.validate_options(options)
+            except QadaptError:
+                if options in GPU_VARIANTS.get(name, []):
+                    continue  # e.g. a GPU-only kernel on a CPU machine: declared only where it can be chosen
+                raise
             table = backend.capabilities(resolved)
             for method in METHODS:
                 for operation in OPERATIONS:
@@ -52,9 +74,12 @@ def verify(names=None) -> dict:
     import platform
     import time
 
+    import torch
+
     from .conformance import check_backend
     from .plugins import backends
 
+    cuda = torch.cuda.is_available()
     started = time.monotonic()
     versions = {}
     for package in ("torch", "transformers", "peft"):
@@ -68,9 +93,13 @@ def verify(names=None) -> dict:
         versions[backend.distribution or name] = backend.library_version()
         env = backend.check_environment()
         environments[name] = {"ok": env.ok, "version": env.version, "reason": env.reason, "hint": env.hint}
-        for options in VARIANTS.get(name, [{}]):
+        for options in variants(name):
             if not env.ok:
                 results.append({"backend": name, "options": options, "outcome": "unavailable", "detail": env.reason})
+                continue
+            if options in GPU_VARIANTS.get(name, []) and not cuda:
+                results.append({"backend": name, "options": options, "outcome": "unavailable",
+                                "detail": "verified only on a CUDA GPU"})
                 continue
             try:
                 calibration = None
@@ -90,7 +119,6 @@ def verify(names=None) -> dict:
                 continue
             for cell in cells:
                 results.append({**cell.to_dict(), "options": options, **source})
-    import torch
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.monotonic() - started, 1),

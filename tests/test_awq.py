@@ -193,19 +193,7 @@ def test_dora_peft_refuses_on_awq_attaches_through_the_proxy(rtn):
 
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_gpu_quantize_load_marlin_and_a_lora_step(backend, batches, tmp_path):
-    model = qadapt.load(toy.build_model(), "awq", calibration=batches, group_size=64, dtype="float16")
-    assert model.device.type == "cuda"
-    backend.save(model, str(tmp_path), backend.validate_options({"group_size": 64, "dtype": "float16"}))
-    marlin = qadapt.load(str(tmp_path), "awq", kernel="marlin", dtype="float16")
-    assert "Marlin" in type(marlin.model.layers[0].mlp.up_proj).__name__
-    torch.testing.assert_close(backend.dequantize(marlin.model.layers[0].mlp.up_proj),
-                               backend.dequantize(model.model.layers[0].mlp.up_proj), rtol=2e-3, atol=2e-3)
-    for base in (model, marlin):
-        peft_model = qadapt.attach(base, "lora")
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-        ids = batches[0].cuda()
-        loss = peft_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        assert torch.isfinite(loss)
+def test_gpu_train_on_the_torch_kernel_then_serve_on_marlin(backend, batches, tmp_path):
+    from .marlin_serving import train_then_serve_on_marlin
+
+    train_then_serve_on_marlin("awq", backend, batches, tmp_path, marlin_class_prefix="AwqMarlin")

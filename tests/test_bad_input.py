@@ -156,3 +156,19 @@ def test_adapter_onto_a_differently_quantized_base_is_refused_or_warned(saved, t
     with pytest.warns(UserWarning, match="quantized differently"):
         model = qadapt.load_adapter(other, adapter, strict=False)
     assert model.peft_config["default"].r == 8
+
+
+def test_an_adapter_moves_between_bases_that_differ_only_in_how_they_run(tiny_dir, tmp_path):
+    """Runtime options (a kernel, a compute dtype) are not part of what an adapter was trained on; the rest is."""
+    backend_ready("hqq")
+    trained = qadapt.attach(qadapt.load(tiny_dir, backend="hqq", compute_dtype="float32"), "lora")
+    adapter = os.path.join(qadapt.save(trained, tmp_path / "saved"), "adapter")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = qadapt.load_adapter(qadapt.load(tiny_dir, backend="hqq", compute_dtype="bfloat16"), adapter)
+    assert not [w for w in caught if "quantized differently" in str(w.message)]
+    assert served.peft_config["default"].r == 8
+    with pytest.raises(qadapt.IncompatibleError, match="group_size=64 \\(adapter\\) vs 128 \\(base\\)"):
+        qadapt.load_adapter(qadapt.load(tiny_dir, backend="hqq", group_size=128), adapter)

@@ -169,9 +169,10 @@ def test_capability_table_is_as_declared(backend):
         for method in ("dora", "vera", "adalora", "ia3"):  # through qadapt's nn.Linear proxy
             assert labels[(method, op)] == "yes"
     assert set(backend.proxy_methods) == {"dora", "vera", "adalora", "ia3"}
-    marlin = backend.capabilities({**backend.validate_options({}), "kernel": "marlin"})
-    assert not marlin[("lora", "merge")] and marlin[("lora", "merge_dequantized")]
-    assert "merge(strategy='dequantize')" in marlin[("lora", "merge")].hint
+    marlin = backend.capabilities({**backend.validate_options({}), "kernel": "marlin", "dtype": "float16"})
+    for method in ("lora", "dora", "vera", "adalora", "ia3"):  # gptqmodel's Marlin layers refuse training mode
+        assert not marlin[(method, "train")] and "kernel='torch'" in marlin[(method, "train")].hint
+    assert "load_adapter" in marlin[("lora", "train")].hint
 
 
 def test_conformance_every_declared_cell(batches):
@@ -201,23 +202,10 @@ def test_refusals_name_the_way_out(backend, batches):
 
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_gpu_quantize_marlin_and_a_lora_step(backend, batches, tmp_path):
-    model = qadapt.load(toy.build_model(), "gptq", calibration=batches, group_size=64, dtype="float16")
-    assert model.device.type == "cuda"
-    backend.save(model, str(tmp_path), backend.validate_options({"group_size": 64}))
-    marlin = qadapt.load(str(tmp_path), "gptq", kernel="marlin", dtype="float16")
-    torch_layer = model.model.layers[0].mlp.up_proj
-    marlin_layer = marlin.model.layers[0].mlp.up_proj
-    assert type(marlin_layer).__name__.startswith("Marlin")
-    torch.testing.assert_close(backend.dequantize(marlin_layer), backend.dequantize(torch_layer), rtol=2e-3, atol=2e-3)
-    for base in (model, marlin):
-        peft_model = qadapt.attach(base, "lora")
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-        ids = batches[0].cuda()
-        loss = peft_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        assert torch.isfinite(loss)
+def test_gpu_train_on_the_torch_kernel_then_serve_on_marlin(backend, batches, tmp_path):
+    from .marlin_serving import train_then_serve_on_marlin
+
+    train_then_serve_on_marlin("gptq", backend, batches, tmp_path, marlin_class_prefix="Marlin")
 
 
 def test_quantizing_writes_nothing_into_the_working_directory(batches, tmp_path, monkeypatch):

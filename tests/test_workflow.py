@@ -101,3 +101,42 @@ def test_in_memory_models_are_quantized_without_touching_the_original(batches):
     weights = {k: v.clone() for k, v in original.state_dict().items()}
     qadapt.load(original, backend="bnb")
     assert all(torch.equal(weights[k], v) for k, v in original.state_dict().items())
+
+
+@pytest.mark.parametrize("backend", ["bnb", "torchao"])
+def test_a_folder_loads_in_the_dtype_it_was_saved_in(backend, tmp_path, tokenizer):
+    """As transformers' dtype="auto": the layers a backend leaves unquantized (embeddings, norms, head) keep the
+    checkpoint's dtype instead of being widened to float32."""
+    backend_ready(backend)
+    from qadapt import toy
+
+    folder = toy.save_model(toy.build_model(dtype=torch.bfloat16), tmp_path / "bf16", tokenizer)
+    model = qadapt.load(folder, backend=backend, **({"bits": 8} if backend == "bnb" else {}))
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_adalora_rank_count_stays_frozen_and_the_saved_adapter_reloads_exactly(tmp_path, batches, tokenizer):
+    """PEFT re-wraps AdaLoRA's ``ranknum`` as a trainable Parameter when it moves the adapter to a bfloat16 (or GPU)
+    base; trained, it drifts, and is not saved, so the reload differed (seen on an H100). qadapt keeps it frozen."""
+    from transformers import AutoModelForCausalLM
+
+    from qadapt import toy
+
+    folder = toy.save_model(toy.build_model(dtype=torch.bfloat16), tmp_path / "bf16", tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    model = qadapt.attach(base, "adalora", total_step=4, init_lora_weights=False)
+    ranknum = {n: p for n, p in model.named_parameters() if ".ranknum." in n}
+    assert ranknum and not any(p.requires_grad for p in ranknum.values())
+    before = {n: p.detach().clone() for n, p in ranknum.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in batches[:2]:
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(before[n], p) for n, p in ranknum.items())
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=batches[0]).logits
+        reloaded = qadapt.load(qadapt.save(model, tmp_path / "saved"))
+        assert torch.equal(reloaded(input_ids=batches[0]).logits, expected)

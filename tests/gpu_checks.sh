@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks recorded in docs/gpu-runs.md (CI has no GPU): the `pytest -m gpu` suite, and `qadapt matrix --verify`
+# for each backend, whose records (<backend>-gpu.json) docs/compatibility.md is rendered from.
+#
+# Run from the repository root on a machine with a CUDA GPU, qadapt installed with the backends' libraries:
+#     bash tests/gpu_checks.sh out/gpu            # then: cp out/gpu/*-gpu.json docs/matrix/
+#     BACKENDS="gptq awq" bash tests/gpu_checks.sh out/gpu
+# Writes into the folder given: device.txt, pytest-gpu.log, and per backend <backend>-gpu.json and matrix-<backend>.log.
+# The pytest suite and the backends' matrix runs go in parallel (every model is a toy; the GPU has room for all).
+# inc is left out: its weight-only layers are CPU code (FP8 needs Intel Gaudi), so its records are CPU runs only.
+# Exit status: 0 when every part passed.
+set -u
+out=${1:-out/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-4} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt" 2>&1
+python3 - >> "$out/device.txt" <<'EOF'
+import importlib.metadata as md, platform
+names = ["torch", "transformers", "peft", "bitsandbytes", "hqq", "torchao", "gptqmodel", "aqlm", "neural-compressor-pt", "eetq"]
+found = {}
+for name in names:
+    try:
+        found[name] = md.version(name)
+    except md.PackageNotFoundError:
+        found[name] = None
+print("python", platform.python_version(), found)
+EOF
+
+python3 -m pytest -m gpu -s -q -p no:cacheprovider -o addopts="" \
+    tests/test_gptq.py tests/test_awq.py tests/test_aqlm.py tests/test_eetq.py > "$out/pytest-gpu.log" 2>&1 &
+pids=($!)
+for backend in ${BACKENDS:-bnb hqq torchao gptq awq aqlm eetq}; do
+    python3 -m qadapt matrix --verify --backend "$backend" --output "$out/$backend-gpu.json" \
+        > "$out/matrix-$backend.log" 2>&1 &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || status=1
+done
+exit $status
