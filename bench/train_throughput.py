@@ -7,6 +7,8 @@ HQQLinear + ``peft.get_peft_model``), giving the qadapt/raw ratio, and every set
 
     # the GPU run documented in docs/benchmarks.md (TinyLlama-1.1B's shape, random weights, batch 4 x 512)
     python bench/train_throughput.py --size full --out out/throughput
+    # the qadapt/raw ratio alone, with the least noise: both models resident, training steps alternating
+    python bench/train_throughput.py --size full --interleave --steps 60 --out out/interleaved
     # the 4-bit tuning experiments (torch.compile, gradient checkpointing, compute dtype, HQQ backends)
     python bench/train_throughput.py --size full --tune --out out/tune
     # anyone, on a CPU, in a couple of minutes (report ratios only: CPU timings say little about GPUs)
@@ -276,43 +278,90 @@ def _footprint(model):
 
 
 # ---------------------------------------------------------------------------------------------------- training
+class _Trainer:
+    """One model's LoRA training loop (AdamW), a step at a time, each step timed between device syncs."""
+
+    def __init__(self, model, ctx, flags):
+        import torch
+
+        self.model, self.device = model, ctx["device"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.forward = torch.compile(model) if flags.get("compile") else model
+        model.train()
+        self.batches = ctx["batches"]
+        if flags.get("batch"):  # a larger batch: does the gap shrink when per-layer overheads are amortized?
+            n = int(flags["batch"])
+            self.batches = [b.repeat((n + b.shape[0] - 1) // b.shape[0], 1)[:n] for b in self.batches]
+        self.times, self.losses = [], []
+
+    def step(self, index):
+        batch = self.batches[index % len(self.batches)]
+        sync(self.device)
+        start = time.perf_counter()
+        loss = self.forward(input_ids=batch, labels=batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sync(self.device)
+        self.times.append(time.perf_counter() - start)
+        self.losses.append(loss.item())
+
+    def result(self, warmup):
+        timed = self.times[warmup:]
+        step_s = statistics.median(timed)
+        tokens = self.batches[0].numel()
+        result = {"step_s_median": step_s, "step_s_all": timed, "warmup_s": self.times[:warmup],
+                  "tokens_per_s": tokens / step_s, "tokens_per_step": tokens, "trainable_params": self.trainable,
+                  "loss_first": self.losses[0], "loss_last": self.losses[-1]}
+        if not all(math.isfinite(x) for x in self.losses):
+            result["warning"] = "non-finite loss"
+        return result
+
+
 def train(model, ctx, flags):
     import torch
 
-    device = ctx["device"]
-    steps, warmup = ctx["steps"], ctx["warmup"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    forward = torch.compile(model) if flags.get("compile") else model
-    model.train()
-    batches = ctx["batches"]
-    if flags.get("batch"):  # a larger batch: does the gap shrink when per-layer overheads are amortized?
-        n = int(flags["batch"])
-        batches = [b.repeat((n + b.shape[0] - 1) // b.shape[0], 1)[:n] for b in batches]
-    times, losses = [], []
-    free(device)
-    for step in range(warmup + steps):
-        batch = batches[step % len(batches)]
-        sync(device)
-        start = time.perf_counter()
-        loss = forward(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    timed = times[warmup:]
-    step_s = statistics.median(timed)
-    tokens = batches[0].numel()
-    result = {"step_s_median": step_s, "step_s_all": timed, "warmup_s": times[:warmup], "tokens_per_s": tokens / step_s, "tokens_per_step": tokens,
-              "trainable_params": trainable, "loss_first": losses[0], "loss_last": losses[-1]}
-    if device == "cuda":
+    trainer = _Trainer(model, ctx, flags)
+    free(ctx["device"])
+    for step in range(ctx["warmup"] + ctx["steps"]):
+        trainer.step(step)
+    result = trainer.result(ctx["warmup"])
+    if ctx["device"] == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if not all(math.isfinite(x) for x in losses):
-        result["warning"] = "non-finite loss"
     return result
+
+
+def run_interleaved(spec, ctx):
+    """qadapt's model and its hand-wired twin side by side in memory, their training steps alternating (qadapt, raw,
+    raw, qadapt, ...): drift of clocks and host load hits both alike, and one load per side replaces --repeat's
+    reloads. Peak memory is not per side here (both models are resident): take it from a run without --interleave."""
+    name, flags = flags_of(spec)
+    rows = {side: {"setting": spec, "side": side, "interleaved": True} for side in ("qadapt", "raw")}
+    try:
+        models = {}
+        for side, build in (("qadapt", build_qadapt), ("raw", build_raw)):
+            models[side], rows[side]["quantize_s"], stats = build(name, flags, ctx)
+            rows[side].update(stats)
+        trainers = {side: _Trainer(model, ctx, flags) for side, model in models.items()}
+        for step in range(ctx["warmup"] + ctx["steps"]):
+            order = ("qadapt", "raw") if step % 2 == 0 else ("raw", "qadapt")
+            for side in order:
+                trainers[side].step(step)
+        for side, trainer in trainers.items():
+            rows[side].update(trainer.result(ctx["warmup"]))
+            log(f"[{spec} / {side}, interleaved] {rows[side]['tokens_per_s']:.0f} tok/s, "
+                f"step {rows[side]['step_s_median'] * 1e3:.1f} ms, loss {rows[side]['loss_last']:.3f}")
+    except Exception as exc:
+        for row in rows.values():
+            row["error"] = f"{type(exc).__name__}: {exc}"[:600]
+            row["traceback"] = traceback.format_exc()[-3000:]
+        log(f"[{spec} / interleaved] FAILED: {rows['qadapt']['error']}")
+    finally:
+        models = trainers = None  # noqa: F841
+        free(ctx["device"])
+    return list(rows.values())
 
 
 def run_one(spec, side, ctx):
@@ -442,6 +491,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--repeat", type=int, help="qadapt/raw pairs per setting, alternated (default: 1 on GPU, 3 on CPU)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="qadapt and hand-wired models resident together, training steps alternating (the "
+                             "qadapt/raw ratio with the least drift; no per-side peak memory)")
     parser.add_argument("--out", default="out/throughput", help="folder for results.json and table.md")
     args = parser.parse_args(argv)
 
@@ -481,6 +533,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "dtype": dtype_name(dtype), "size": args.size, "shape": size["model"], "batch": size["batch"], "seq": size["seq"],
         "lora": LORA, "optimizer": "AdamW lr 1e-4", "versions": versions, "command": " ".join([sys.executable] + sys.argv),
+        "interleave": args.interleave,
     }
     log(json.dumps(meta))
     with tempfile.TemporaryDirectory(prefix="qadapt-bench-") as folder:
@@ -501,10 +554,15 @@ def main(argv=None) -> int:
         meta["repeat"] = repeat
         for spec in specs:
             name, flags = flags_of(spec)
+            twin = SETTINGS[name][3] and not args.no_raw and not args.tune
+            if args.interleave and twin:
+                rows.extend(run_interleaved(spec, ctx))
+                _write(args.out, meta, rows, device)
+                continue
             pair = []
             for _ in range(repeat):  # alternate the two sides, so drift (clocks, allocator) hits both alike
                 pair.append(run_one(spec, "qadapt", ctx))
-                if SETTINGS[name][3] and not args.no_raw and not args.tune:
+                if twin:
                     pair.append(run_one(spec, "raw", ctx))
             rows.extend(merge_repeats(pair))
             _write(args.out, meta, rows, device)
