@@ -194,7 +194,6 @@ def _targets(adapter_model, backend, adapter_name="default"):
 
 def _hessians(adapter_model, batches):
     """X^T X / n of every tuner layer's inputs, keyed by id() of its quantized base layer."""
-    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from qadapt import proxy

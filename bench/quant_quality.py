@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -156,11 +155,9 @@ def main(argv=None) -> int:
             if not env.ok:
                 raise RuntimeError(f"backend unavailable: {env.reason}")
             started = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                source = folder
-                quantized = qadapt.load(source, backend=backend_name,
-                                        calibration=calibration if backend.needs_calibration(backend.validate_options(options)) else None,
-                                        **options)
+            quantized = qadapt.load(folder, backend=backend_name,
+                                    calibration=calibration if backend.needs_calibration(backend.validate_options(options)) else None,
+                                    **options)
             row["quantize_s"] = time.perf_counter() - started
             quantized.eval()
             errors = layer_errors(quantized, reference, backend)

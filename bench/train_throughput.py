@@ -517,8 +517,6 @@ def main(argv=None) -> int:
 
     import peft
 
-    import qadapt
-
     versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "peft": peft.__version__}
     for lib in ("bitsandbytes", "torchao", "hqq", "gptqmodel"):

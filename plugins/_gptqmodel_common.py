@@ -115,19 +115,13 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def require_cuda_for_marlin(backend: str) -> None:
+def check_marlin_options(backend: str, options) -> None:
+    """Marlin needs a CUDA GPU and computes in half precision."""
     from qadapt.errors import InvalidOptionError
 
     if not _cuda_available():
         raise InvalidOptionError(f"backend '{backend}' with kernel='marlin'", "Marlin kernels run only on a CUDA GPU",
                                  "Use kernel='torch' (the default), which runs on CPU and GPU")
-
-
-def check_marlin_options(backend: str, options) -> None:
-    """Marlin needs a CUDA GPU and computes in half precision."""
-    from qadapt.errors import InvalidOptionError
-
-    require_cuda_for_marlin(backend)
     if options["dtype"] == "float32":
         raise InvalidOptionError(
             f"backend '{backend}' with kernel='marlin', dtype='float32'",
@@ -492,6 +486,27 @@ class PackedLayersBackend:
     ``checkpoint_tensors``."""
 
     format_name = ""
+
+    def quantize_with(self, config, model, options, calibration):
+        """Quantize ``model`` (a model or a folder) with gptqmodel's ``config`` (a GPTQConfig or AWQConfig) on the
+        calibration batches, then load the result with the kernel ``options`` ask for."""
+        import torch
+
+        from qadapt.errors import InvalidOptionError
+
+        if not calibration:
+            raise InvalidOptionError(f"quantize with backend '{self.name}'", f"{self.format_name} needs calibration data",
+                                     "Pass calibration=[texts...] with tokenizer=..., or token-id tensors")
+        gptqmodel = import_gptqmodel()
+        half = "float16" if options["dtype"] == "float32" else options["dtype"]
+        with source_folder(model) as folder:
+            with quiet():
+                wrapper = gptqmodel.GPTQModel.load(folder, config, device=device(), dtype=getattr(torch, half))
+                with logs_elsewhere():
+                    wrapper.quantize(calibration_dicts(calibration))
+            saved = save_to_temporary_folder(wrapper, self.name)  # while the source folder still exists
+        del wrapper  # free its copy of the weights before loading the saved one
+        return load_from_temporary_folder(self, saved, options)
 
     def save(self, model, path, options):
         from qadapt.errors import InvalidOptionError

@@ -14,8 +14,8 @@ that layer applies to its (scaled) input: exactly what an adapter on that layer 
 from __future__ import annotations
 
 from qadapt.backend import Environment, Option, QuantBackend
-from qadapt.capabilities import declare, no, yes
-from qadapt.errors import BackendUnavailableError, InvalidOptionError
+from qadapt.capabilities import declare, yes
+from qadapt.errors import BackendUnavailableError
 from qadapt.hookspecs import hookimpl
 
 from . import _gptqmodel_common as common
@@ -87,23 +87,12 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
                 "Quantize on a GPU machine and load the saved AWQ checkpoint here with qadapt.load(path, backend='awq'), "
                 "or use backend='gptq', which quantizes on CPU",
             )
-        if not calibration:
-            raise InvalidOptionError("quantize with backend 'awq'", "AWQ needs calibration data",
-                                     "Pass calibration=[texts...] with tokenizer=..., or token-id tensors")
-        gptqmodel = common.import_gptqmodel()
+        common.import_gptqmodel()
         from gptqmodel.quantization import AWQConfig
 
         config = AWQConfig(bits=options["bits"], group_size=options["group_size"], sym=not options["zero_point"],
                            offload_to_disk=False)
-        half = "float16" if options["dtype"] == "float32" else options["dtype"]
-        with common.source_folder(model) as folder:
-            with common.quiet():
-                wrapper = gptqmodel.GPTQModel.load(folder, config, device=common.device(), dtype=getattr(torch, half))
-                with common.logs_elsewhere():
-                    wrapper.quantize(common.calibration_dicts(calibration))
-            saved = common.save_to_temporary_folder(wrapper, self.name)  # while the source folder still exists
-        del wrapper  # free its copy of the weights before loading the saved one
-        return common.load_from_temporary_folder(self, saved, options)
+        return self.quantize_with(config, model, options, calibration)
 
     def load(self, path, options):
         model = common.load_quantized(path, KERNELS[options["kernel"]], options["dtype"])

@@ -14,7 +14,7 @@ mode, so adapters are trained with ``kernel="torch"`` and loaded onto a Marlin b
 from __future__ import annotations
 
 from qadapt.backend import Environment, Option, QuantBackend
-from qadapt.capabilities import declare, no, yes
+from qadapt.capabilities import declare, yes
 from qadapt.errors import InvalidOptionError
 from qadapt.hookspecs import hookimpl
 
@@ -83,27 +83,14 @@ class GPTQBackend(common.PackedLayersBackend, QuantBackend):
 
     # ------------------------------------------------------------------ heavy work
     def quantize(self, model, options, calibration=None):
-        import torch
-
-        gptqmodel = common.import_gptqmodel()
+        common.import_gptqmodel()
         from gptqmodel.quantization import GPTQConfig
 
-        if not calibration:
-            raise InvalidOptionError("quantize with backend 'gptq'", "GPTQ needs calibration data",
-                                     "Pass calibration=[texts...] with tokenizer=..., or token-id tensors")
         config = GPTQConfig(
             bits=options["bits"], group_size=options["group_size"], desc_act=options["desc_act"], sym=options["sym"],
             pack_impl="original", offload_to_disk=False,
         )
-        with common.source_folder(model) as folder:
-            with common.quiet():
-                half = "float16" if options["dtype"] == "float32" else options["dtype"]
-                wrapper = gptqmodel.GPTQModel.load(folder, config, device=common.device(), dtype=getattr(torch, half))
-                with common.logs_elsewhere():
-                    wrapper.quantize(common.calibration_dicts(calibration))
-            saved = common.save_to_temporary_folder(wrapper, self.name)  # while the source folder still exists
-        del wrapper  # free its copy of the weights before loading the saved one
-        return common.load_from_temporary_folder(self, saved, options)
+        return self.quantize_with(config, model, options, calibration)
 
     def load(self, path, options):
         return common.load_quantized(path, KERNELS[options["kernel"]], options["dtype"])
