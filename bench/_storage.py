@@ -52,7 +52,8 @@ def _in_out(module) -> tuple[int, int]:
     return int(module.weight.shape[1]), int(module.weight.shape[0])
 
 
-def theory_bits(kind: str, in_features: int, out_features: int, group_size: int = 64, scale_bits: int = 16) -> float:
+def theory_bits(kind: str, in_features: int, out_features: int, group_size: int = 64, scale_bits: int = 16,
+                bits: int = 4, codebooks: int = 2, code_bits: int = 8, in_group: int = 8) -> float:
     """Bits per weight a format's layout implies for one linear layer (code tables and other O(1) tensors left out)."""
     if kind == "nf4-dq":  # 4-bit codes; 8-bit absmax per block of 64; float32 absmax per 256 absmax
         return 4 + 8 / 64 + 32 / (64 * 256)
@@ -68,6 +69,14 @@ def theory_bits(kind: str, in_features: int, out_features: int, group_size: int 
         return 4 + (16 + 4) / group_size + 32 / out_features
     if kind == "awq":  # 4-bit codes; fp16 scale and packed 4-bit zero per group
         return 4 + (16 + 4) / group_size
+    if kind == "eetq":  # int8 codes; one float16 scale per output row
+        return 8 + 16 / in_features
+    if kind == "inc-rtn":  # int codes of `bits`; a float16 scale and a packed zero point per group (kept when symmetric)
+        return bits + (16 + bits) / group_size
+    if kind == "aqlm":  # per group of in_group weights: `codebooks` codes of code_bits each; a scale per output row;
+        # the codebooks themselves (codebooks x 2^code_bits x in_group entries) are counted: at small sizes they matter
+        table = codebooks * 2**code_bits * in_group * scale_bits
+        return codebooks * code_bits / in_group + scale_bits / in_features + table / (in_features * out_features)
     if kind == "none":
         return float(scale_bits)
     raise ValueError(kind)

@@ -1,6 +1,9 @@
 """Plot LoRA training tokens/s against peak GPU memory, one point per backend setting.
 
     python bench/plot_throughput.py out/throughput/results.json docs/throughput_vs_memory.png
+    # several runs in one plot (a setting already plotted from an earlier file is skipped)
+    python bench/plot_throughput.py docs/bench-results/throughput-h100-full.json \
+        docs/bench-results/throughput-h100-packed.json docs/bench-results/tune-h100-compile.json docs/throughput_vs_memory.png
     python bench/plot_throughput.py --reference docs/throughput_vs_memory.png   # the H100 numbers seen once
 
 Needs matplotlib (not a qadapt dependency: ``pip install matplotlib``).
@@ -40,32 +43,44 @@ def plot(points, title, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, (tokens, peak) in points.items():
-        ax.scatter(peak, tokens, s=60)
-        ax.annotate(label, (peak, tokens), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
+    colors = plt.get_cmap("tab20").colors
+    ordered = sorted(points.items(), key=lambda item: -item[1][0])  # legend from fastest to slowest
+    for index, (label, (tokens, peak)) in enumerate(ordered):
+        marker = "*" if "compile" in label else "o"  # torch.compile'd settings stand out
+        ax.scatter(peak, tokens, s=150 if marker == "*" else 60, marker=marker, color=colors[index % len(colors)],
+                   label=f"{label}: {tokens:,.0f} tok/s, {peak:.1f} GiB")
     ax.set_xlabel("peak GPU memory during training (GiB)")
     ax.set_ylabel("training tokens / s")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     xs = [p for _, p in points.values()]
-    ax.set_xlim(min(xs) - 1, max(xs) + 2.5)
-    ax.set_ylim(0, max(t for t, _ in points.values()) * 1.15)
+    ax.set_xlim(min(xs) - 1, max(xs) + 1)
+    ax.set_ylim(0, max(t for t, _ in points.values()) * 1.1)
+    ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="?", help="results.json written by bench/train_throughput.py on a GPU")
-    parser.add_argument("png")
+    parser.add_argument("paths", nargs="+", metavar="results.json ... png",
+                        help="results.json files written by bench/train_throughput.py on a GPU, then the PNG to write")
     parser.add_argument("--reference", action="store_true", help="plot the H100 reference numbers instead")
     args = parser.parse_args(argv)
+    *results, png = args.paths
     if args.reference:
-        plot(REFERENCE_H100, "H100, seen once: TinyLlama-1.1B shape, 4x512 tokens, LoRA r=16", args.png)
-    else:
-        points, title = points_from(args.results)
-        plot(points, title, args.png)
+        plot(REFERENCE_H100, "H100, seen once: TinyLlama-1.1B shape, 4x512 tokens, LoRA r=16", png)
+        return 0
+    if not results:
+        parser.error("give at least one results.json before the PNG (or --reference)")
+    points, title = {}, None
+    for path in results:
+        more, run_title = points_from(path)
+        title = title or run_title + (f" ({len(results)} runs)" if len(results) > 1 else "")
+        for setting, point in more.items():
+            points.setdefault(setting, point)
+    plot(points, title, png)
     return 0
 
 

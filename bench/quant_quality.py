@@ -6,7 +6,7 @@ for ``--minutes``, then for every backend setting: per-layer relative reconstruc
 ``||W - dequantize(quantize(W))||_F / ||W||_F`` (through each backend's ``dequantize``, i.e. what the layer computes
 with) and held-out perplexity against the full-precision model.
 
-    python bench/quant_quality.py --minutes 5 --out out/quality
+    python bench/quant_quality.py --minutes 12 --out out/quality
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ SETTINGS = {
     "hqq-2bit-g16": ("hqq", dict(bits=2, group_size=16)),
     "gptq-4bit-g128": ("gptq", dict(bits=4, group_size=128)),
     "gptq-3bit-g128": ("gptq", dict(bits=3, group_size=128)),
+    "inc-rtn-4bit-g64": ("inc", dict(algorithm="rtn", bits=4, group_size=64)),
+    "eetq-int8": ("eetq", {}),
+    "aqlm-2x8": ("aqlm", dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8)),
+    # not aqlm-1x16: its 65,536-entry codebook outnumbers this model's weight groups (at most 24,576 per layer), so
+    # every group gets its own entry and the "quantized" layer is exact (and larger than the original)
 }
 
 
@@ -46,7 +51,7 @@ def log(*args):
     print(*args, flush=True)
 
 
-def train_model(tokenizer, ids, minutes, seed=0):
+def train_model(tokenizer, ids, minutes, eval_ids=None, seed=0):
     import torch
 
     from qadapt import toy
@@ -55,7 +60,7 @@ def train_model(tokenizer, ids, minutes, seed=0):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(seed)
     deadline = time.perf_counter() + 60 * minutes
-    step, losses = 0, []
+    step, losses, curve = 0, [], []
     while time.perf_counter() < deadline:
         starts = torch.randint(0, len(ids) - SEQ - 1, (8,), generator=generator)
         batch = torch.stack([ids[s : s + SEQ] for s in starts.tolist()])
@@ -71,7 +76,11 @@ def train_model(tokenizer, ids, minutes, seed=0):
         step += 1
         if step % 25 == 0:
             log(f"[train] step {step} loss {sum(losses[-25:]) / 25:.3f}")
-    return model.eval(), step, sum(losses[-20:]) / 20
+        if eval_ids is not None and step % 500 == 0:  # held-out perplexity along the way: is it still falling?
+            curve.append((step, perplexity(model.eval(), eval_ids)))
+            model.train()
+            log(f"[train] step {step} held-out perplexity {curve[-1][1]:.2f}")
+    return model.eval(), step, sum(losses[-20:]) / 20, curve
 
 
 def perplexity(model, eval_ids):
@@ -105,6 +114,8 @@ def layer_errors(quantized, reference, backend):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0, help="training time of the small model")
+    parser.add_argument("--chars", type=int, default=2_000_000,
+                        help="characters of Python standard-library source to train and evaluate on (last 10 %% held out)")
     parser.add_argument("--settings", help="comma-separated subset of: " + ", ".join(SETTINGS))
     parser.add_argument("--model", help="reuse a model folder saved by an earlier run (skips training)")
     parser.add_argument("--out", default="out/quality")
@@ -126,7 +137,7 @@ def main(argv=None) -> int:
     names = args.settings.split(",") if args.settings else list(SETTINGS)
     ensure_backends({SETTINGS[n][0] for n in names})
 
-    text = toy.local_text(400_000)
+    text = toy.local_text(args.chars)
     tokenizer = toy.build_tokenizer(vocab_size=MODEL["vocab_size"], text=text)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     split = int(len(ids) * 0.9)
@@ -137,8 +148,9 @@ def main(argv=None) -> int:
     folder = args.model or os.path.join(args.out, "model")
     if args.model is None:
         started = time.perf_counter()
-        model, steps, loss = train_model(tokenizer, train_ids, args.minutes)
-        meta.update(train_steps=steps, train_loss=loss, train_s=time.perf_counter() - started)
+        model, steps, loss, curve = train_model(tokenizer, train_ids, args.minutes, eval_ids=eval_ids)
+        meta.update(train_steps=steps, train_loss=loss, train_s=time.perf_counter() - started,
+                    heldout_perplexity_by_step=curve)
         toy.save_model(model, folder, tokenizer)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     base_ppl = perplexity(reference, eval_ids)

@@ -13,6 +13,10 @@ HQQLinear + ``peft.get_peft_model``), giving the qadapt/raw ratio, and every set
     python bench/train_throughput.py --size full --tune --out out/tune
     # anyone, on a CPU, in a couple of minutes (report ratios only: CPU timings say little about GPUs)
     python bench/train_throughput.py --size tiny --out out/throughput-cpu
+    # Llama-3-8B's shape, where memory and time allow (16 GB in bf16)
+    python bench/train_throughput.py --size 8b --settings full,bnb-nf4-dq,torchao-int8wo,hqq-4bit-g64 --out out/8b
+    # reprint a saved run's table (with the 95 % interval of qadapt/raw)
+    python bench/train_throughput.py --summarize docs/bench-results/throughput-h100-interleaved-b16.json
 
 Nothing is downloaded: the model is a randomly initialised Llama built from a config, saved once to a temporary
 folder, and every backend quantizes that folder (HQQ an in-memory copy: it converts layers in place).
@@ -53,6 +57,13 @@ SIZES = {
                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256),
         batch=4, seq=128, warmup=2, steps=8, calib=4,
     ),
+    # Llama-3-8B's shape (8,030,261,248 parameters): the GPU run "where memory and time allow" (no GPTQ/AWQ: their
+    # calibration passes would take most of an hour at this size)
+    "8b": dict(
+        model=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=2048),
+        batch=4, seq=512, warmup=2, steps=8, calib=8,
+    ),
 }
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
 
@@ -65,15 +76,27 @@ SETTINGS = {
     "hqq-4bit-g64": ("hqq", dict(bits=4, group_size=64), "hqq", True),
     "gptq-4bit-g128": ("gptq", dict(bits=4, group_size=128), "gptq", False),
     "awq-4bit-g128": ("awq", dict(bits=4, group_size=128), "awq", False),
+    # no hand-wired twin: transformers has no loader for these formats that PEFT trains on (AQLM: qadapt's own
+    # quantizer; EETQ: its torch route where EETQ's kernels cannot run; INC: neural-compressor's weight-only layers)
+    "aqlm-2x8": ("aqlm", dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8), "aqlm", False),
+    "eetq-int8": ("eetq", {}, "eetq", False),
+    "inc-rtn-4bit-g64": ("inc", dict(algorithm="rtn", bits=4, group_size=64), "inc-rtn", False),
 }
 #: --tune: the fastest 4-bit paths, one change at a time (qadapt side only; flags after ":", joined by "+")
+TWIN_FLAGS = {"batch", "compile"}
+#: compile = regional compilation (each decoder layer compiled on its own, as PyTorch recommends for repeated
+#: blocks: one layer's compile time, not the whole model's); hqq=NAME picks HQQ's training backend (HQQBackend.NAME):
+#: pytorch (default: de-quantize in the forward and again in the backward), pytorch_compile (the same, de-quantization
+#: compiled), pytorch_forward (plain autograd through the de-quantization: the de-quantized weight is kept for the
+#: backward, i.e. de-quantization cached at bf16 memory cost)
 TUNE = [
-    "full", "full:compile", "full:ckpt",
-    "bnb-nf4-dq:compute=float32", "bnb-nf4-dq", "bnb-nf4-dq:nodq", "bnb-nf4-dq:compile", "bnb-nf4-dq:ckpt",
-    "bnb-nf4-dq:nodq+compile",
-    "hqq-4bit-g64", "hqq-4bit-g64:hqq=pytorch_compile", "hqq-4bit-g64:compile",
-    "torchao-int8wo", "torchao-int8wo:compile",
-    "full:batch=16", "bnb-nf4-dq:batch=16",
+    "full", "full:ckpt", "full:batch=16",
+    "bnb-nf4-dq:compute=float32", "bnb-nf4-dq", "bnb-nf4-dq:nodq", "bnb-nf4-dq:ckpt", "bnb-nf4-dq:batch=16",
+    "hqq-4bit-g64", "hqq-4bit-g64:hqq=pytorch_compile", "hqq-4bit-g64:hqq=pytorch_forward",
+    "torchao-int8wo",
+    # compiled (slow to start: kept together at the end)
+    "full:compile", "bnb-nf4-dq:compile", "bnb-nf4-dq:nodq+compile", "hqq-4bit-g64:compile",
+    "hqq-4bit-g64:hqq=pytorch_forward+compile", "torchao-int8wo:compile",
 ]
 
 
@@ -139,6 +162,23 @@ def load_full(folder, dtype, device):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
 
 
+def set_hqq_backend(name):
+    from hqq.core.quantize import HQQBackend, HQQLinear
+
+    HQQLinear.set_backend(getattr(HQQBackend, name.upper()))
+
+
+def compile_layers(model):
+    """Regional compilation: each decoder layer compiled on its own (identical layers share the compiled code)."""
+    import torch
+
+    torch._dynamo.reset()  # each setting compiles afresh (and within the recompile limit)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def flags_of(spec):
     name, _, rest = spec.partition(":")
     flags = {}
@@ -179,10 +219,8 @@ def build_qadapt(name, flags, ctx):
                             **options)
     sync(device)
     seconds = time.perf_counter() - start
-    if flags.get("hqq"):
-        from hqq.core.quantize import HQQBackend, HQQLinear
-
-        HQQLinear.set_backend(getattr(HQQBackend, flags["hqq"].upper()))
+    if backend == "hqq":  # a class-wide setting: set for every HQQ setting, so one experiment's choice does not leak
+        set_hqq_backend(flags.get("hqq", "pytorch"))
     if flags.get("ckpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stats = weight_stats(model, backend, name, ctx, kind="nf4" if flags.get("nodq") else None)
@@ -231,6 +269,7 @@ def build_raw(name, flags, ctx):
                               compute_dtype=dtype, device=device, del_orig=True)
             setattr(model.get_submodule(parent), child, layer)
         model = model.to(device)
+        set_hqq_backend("pytorch")
         config = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=names, **LORA)  # all-linear misses HQQLinear
     else:
         raise ValueError(f"no hand-wired twin for {name}")
@@ -254,9 +293,15 @@ def weight_stats(model, backend, name, ctx, kind=None):
     bits, stored, weights = quantized_bits_per_weight(model, is_q)
     kind = kind or SETTINGS[name][2]
     extra = {}
-    if kind in ("hqq", "gptq", "awq"):
+    if kind in ("hqq", "gptq", "awq", "inc-rtn"):
         extra["group_size"] = SETTINGS[name][1]["group_size"]
-    if kind in ("hqq", "torchao-int8", "none"):
+    if kind == "inc-rtn":
+        extra["bits"] = SETTINGS[name][1]["bits"]
+    if kind == "aqlm":
+        options = SETTINGS[name][1]
+        extra.update(codebooks=options["num_codebooks"], code_bits=options["nbits_per_codebook"],
+                     in_group=options["in_group_size"])
+    if kind in ("hqq", "torchao-int8", "none", "aqlm"):
         extra["scale_bits"] = 8 * _element_size(ctx["dtype"])
     theory = theory_bits_for(model, is_q, kind, **extra)
     return {"weight_bytes": total, "quantized_layers_bytes": stored, "quantized_weights": weights,
@@ -288,7 +333,9 @@ class _Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
-        self.forward = torch.compile(model) if flags.get("compile") else model
+        if flags.get("compile"):
+            compile_layers(model)
+        self.forward = model
         model.train()
         self.batches = ctx["batches"]
         if flags.get("batch"):  # a larger batch: does the gap shrink when per-layer overheads are amortized?
@@ -300,7 +347,7 @@ class _Trainer:
         batch = self.batches[index % len(self.batches)]
         sync(self.device)
         start = time.perf_counter()
-        loss = self.forward(input_ids=batch, labels=batch).loss
+        loss = self.forward(input_ids=batch, labels=batch, use_cache=False).loss  # training needs no KV cache
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -428,12 +475,27 @@ def merge_repeats(rows):
         first.setdefault("_all", []).extend(r["step_s_all"])
     for first in merged.values():
         if "error" not in first and first.get("_all"):
-            first["step_s_median"] = statistics.median(first.pop("_all"))
+            first["step_s_all"] = first.pop("_all")  # every timed step of every repeat
+            first["step_s_median"] = statistics.median(first["step_s_all"])
             first["tokens_per_s"] = first["tokens_per_step"] / first["step_s_median"]
     return list(merged.values())
 
 
 # ---------------------------------------------------------------------------------------------------- summary
+def ratio_interval(qadapt_times, raw_times, draws=2000, seed=0):
+    """95 % bootstrap interval of median(raw step time) / median(qadapt step time), i.e. of qadapt/raw in tokens/s
+    (steps resampled with replacement on each side; a fixed seed, so the same results.json gives the same interval)."""
+    import random
+
+    rng = random.Random(seed)
+    ratios = sorted(
+        statistics.median(rng.choices(raw_times, k=len(raw_times)))
+        / statistics.median(rng.choices(qadapt_times, k=len(qadapt_times)))
+        for _ in range(draws)
+    )
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+
+
 def summarize(rows, device):
     by = {(r["setting"], r["side"]): r for r in rows if "error" not in r}
     base = by.get(("full", "qadapt"))
@@ -455,27 +517,43 @@ def summarize(rows, device):
             qadapt_over_raw=(r["tokens_per_s"] / raw["tokens_per_s"]) if raw else None,
             over_full=(r["tokens_per_s"] / base["tokens_per_s"]) if base else None,
             same_trainable=(raw["trainable_params"] == r["trainable_params"]) if raw else None,
+            step_spread=_spread(r["step_s_all"]),
         )
+        if raw and len(r["step_s_all"]) >= 10 and len(raw["step_s_all"]) >= 10:
+            line["qadapt_over_raw_ci95"] = ratio_interval(r["step_s_all"], raw["step_s_all"])
         table.append(line)
     return table
 
 
+def _spread(times):
+    """Interquartile range of the timed steps over their median: how noisy one side's steps were."""
+    if len(times) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles(times)
+    return (q3 - q1) / statistics.median(times)
+
+
 def markdown(table, device):
     cpu = device != "cuda"
-    head = ("| setting | tok/s | peak GiB | raw tok/s | qadapt/raw | vs full | weights MiB | bits/w | theory | quantize s |"
-            if not cpu else "| setting | qadapt/raw | vs full | weights MiB | bits/w | theory |")
+    head = ("| setting | tok/s | peak GiB | raw tok/s | qadapt/raw | 95 % interval | step IQR | vs full | weights MiB | "
+            "bits/w | theory | quantize s |"
+            if not cpu else "| setting | qadapt/raw | 95 % interval | vs full | weights MiB | bits/w | theory |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for t in table:
         if "error" in t:
             lines.append(f"| {t['setting']} | failed: {t['error'][:120]} |")
             continue
+        ci = t.get("qadapt_over_raw_ci95")
+        ci = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
         if cpu:
-            lines.append(f"| {t['setting']} | {fmt(t['qadapt_over_raw'], '.3f')} | {fmt(t['over_full'], '.2f')} | "
+            lines.append(f"| {t['setting']} | {fmt(t['qadapt_over_raw'], '.3f')} | {ci} | {fmt(t['over_full'], '.2f')} | "
                          f"{t['weight_mib']:.2f} | {t['bits']:.3f} | {t['theory_bits']:.3f} |")
         else:
+            spread = t.get("step_spread")
             lines.append(f"| {t['setting']} | {t['tokens_per_s']:,.0f} | {fmt(t['peak_gib'], '.2f')} | "
-                         f"{fmt(t['raw_tokens_per_s'], ',.0f')} | {fmt(t['qadapt_over_raw'], '.3f')} | "
+                         f"{fmt(t['raw_tokens_per_s'], ',.0f')} | {fmt(t['qadapt_over_raw'], '.3f')} | {ci} | "
+                         f"{'-' if spread is None else format(spread, '.0%')} | "
                          f"{fmt(t['over_full'], '.2f')} | {t['weight_mib']:,.0f} | {t['bits']:.3f} | "
                          f"{t['theory_bits']:.3f} | {t['quantize_s']:.1f} |")
     return "\n".join(lines)
@@ -495,7 +573,15 @@ def main(argv=None) -> int:
                         help="qadapt and hand-wired models resident together, training steps alternating (the "
                              "qadapt/raw ratio with the least drift; no per-side peak memory)")
     parser.add_argument("--out", default="out/throughput", help="folder for results.json and table.md")
+    parser.add_argument("--summarize", metavar="RESULTS_JSON",
+                        help="print the table of an earlier run's results.json (with this version's columns) and exit")
     args = parser.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as handle:
+            data = json.load(handle)
+        device = "cuda" if "CPU" not in data["meta"]["device"] else "cpu"
+        print(markdown(summarize(data["rows"], device), device))
+        return 0
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(4, os.cpu_count() or 1)))
@@ -531,7 +617,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "dtype": dtype_name(dtype), "size": args.size, "shape": size["model"], "batch": size["batch"], "seq": size["seq"],
         "lora": LORA, "optimizer": "AdamW lr 1e-4", "versions": versions, "command": " ".join([sys.executable] + sys.argv),
-        "interleave": args.interleave,
+        "interleave": args.interleave, "training_forward": "use_cache=False",
     }
     log(json.dumps(meta))
     with tempfile.TemporaryDirectory(prefix="qadapt-bench-") as folder:
@@ -552,7 +638,8 @@ def main(argv=None) -> int:
         meta["repeat"] = repeat
         for spec in specs:
             name, flags = flags_of(spec)
-            twin = SETTINGS[name][3] and not args.no_raw and not args.tune
+            # a twin only for settings whose flags change training alone (batch, compile), which apply to both sides
+            twin = SETTINGS[name][3] and set(flags) <= TWIN_FLAGS and not args.no_raw and not args.tune
             if args.interleave and twin:
                 rows.extend(run_interleaved(spec, ctx))
                 _write(args.out, meta, rows, device)

@@ -18,11 +18,12 @@ TINY_LLAMA = dict(
 
 
 def local_text(max_chars: int = 400_000) -> str:
-    """Plain text to train on: the Python standard library's own sources, which every machine has."""
+    """Plain text to train on: the Python standard library's own sources, which every machine has (seven chosen
+    modules first, then the other top-level modules in name order, up to ``max_chars``)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     chunks, size = [], 0
-    for name in ("textwrap.py", "argparse.py", "functools.py", "inspect.py", "pathlib.py", "typing.py", "enum.py"):
-        path = stdlib / name
+    first = ("textwrap.py", "argparse.py", "functools.py", "inspect.py", "pathlib.py", "typing.py", "enum.py")
+    for path in [stdlib / name for name in first] + [p for p in sorted(stdlib.glob("*.py")) if p.name not in first]:
         if path.exists():
             text = path.read_text(encoding="utf-8", errors="ignore")
             chunks.append(text)

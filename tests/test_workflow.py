@@ -140,3 +140,36 @@ def test_adalora_rank_count_stays_frozen_and_the_saved_adapter_reloads_exactly(t
         expected = model(input_ids=batches[0]).logits
         reloaded = qadapt.load(qadapt.save(model, tmp_path / "saved"))
         assert torch.equal(reloaded(input_ids=batches[0]).logits, expected)
+
+
+def test_documented_fast_hqq_path_gives_the_default_paths_loss_and_gradients(tiny_dir, batches):
+    """docs/benchmarks.md's fastest 4-bit path: HQQ's PYTORCH_FORWARD backend (de-quantization cached for the
+    backward) and each decoder layer compiled. It must train exactly what the default path trains."""
+    backend_ready("hqq")
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler (c++ or g++ on PATH)")
+    from hqq.core.quantize import HQQBackend, HQQLinear
+
+    def loss_and_grads(backend, compile_layers):
+        torch.manual_seed(0)
+        model = qadapt.attach(qadapt.load(tiny_dir, backend="hqq", bits=4, group_size=64), "lora", r=8,
+                              init_lora_weights=False)
+        if compile_layers:
+            for layer in model.get_base_model().model.layers:
+                layer.compile()
+        HQQLinear.set_backend(backend)
+        try:
+            loss = model(input_ids=batches[0], labels=batches[0], use_cache=False).loss
+            loss.backward()
+        finally:
+            HQQLinear.set_backend(HQQBackend.PYTORCH)  # a class-wide switch: leave the default for other tests
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    default_loss, default_grads = loss_and_grads(HQQBackend.PYTORCH, compile_layers=False)
+    fast_loss, fast_grads = loss_and_grads(HQQBackend.PYTORCH_FORWARD, compile_layers=True)
+    assert fast_loss == pytest.approx(default_loss, rel=1e-5)
+    assert fast_grads.keys() == default_grads.keys() and len(fast_grads) > 0
+    for name, grad in default_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
