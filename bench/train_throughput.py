@@ -82,8 +82,9 @@ SETTINGS = {
     "eetq-int8": ("eetq", {}, "eetq", False),
     "inc-rtn-4bit-g64": ("inc", dict(algorithm="rtn", bits=4, group_size=64), "inc-rtn", False),
 }
-#: --tune: the fastest 4-bit paths, one change at a time (qadapt side only; flags after ":", joined by "+")
+#: flags that change only the training loop (applied to both sides), so a flagged setting still has a hand-wired twin
 TWIN_FLAGS = {"batch", "compile"}
+#: --tune: the fastest 4-bit paths, one change at a time (qadapt side only; flags after ":", joined by "+")
 #: compile = regional compilation (each decoder layer compiled on its own, as PyTorch recommends for repeated
 #: blocks: one layer's compile time, not the whole model's); hqq=NAME picks HQQ's training backend (HQQBackend.NAME):
 #: pytorch (default: de-quantize in the forward and again in the backward), pytorch_compile (the same, de-quantization
@@ -173,10 +174,8 @@ def compile_layers(model):
     import torch
 
     torch._dynamo.reset()  # each setting compiles afresh (and within the recompile limit)
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    for layer in layers:
+    for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
         layer.compile()
-    return len(layers)
 
 
 def flags_of(spec):
@@ -338,7 +337,6 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         if flags.get("compile"):
             compile_layers(model)
-        self.forward = model
         model.train()
         self.batches = ctx["batches"]
         if flags.get("batch"):  # a larger batch: does the gap shrink when per-layer overheads are amortized?
@@ -350,7 +348,7 @@ class _Trainer:
         batch = self.batches[index % len(self.batches)]
         sync(self.device)
         start = time.perf_counter()
-        loss = self.forward(input_ids=batch, labels=batch, use_cache=False).loss  # training needs no KV cache
+        loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss  # training needs no KV cache
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
