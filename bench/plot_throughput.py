@@ -3,7 +3,9 @@
     python bench/plot_throughput.py out/throughput/results.json docs/throughput_vs_memory.png
     # several runs in one plot (a setting already plotted from an earlier file is skipped)
     python bench/plot_throughput.py docs/bench-results/throughput-h100-full.json \
-        docs/bench-results/throughput-h100-packed.json docs/bench-results/tune-h100-compile.json docs/throughput_vs_memory.png
+        docs/bench-results/throughput-h100-packed.json docs/bench-results/throughput-h100-aqlm.json \
+        docs/bench-results/throughput-h100-eetq.json docs/bench-results/tune-h100-compile.json \
+        docs/bench-results/tune-h100-compile-rest.json docs/throughput_vs_memory.png
     python bench/plot_throughput.py --reference docs/throughput_vs_memory.png   # the H100 numbers seen once
 
 Needs matplotlib (not a qadapt dependency: ``pip install matplotlib``).
@@ -30,6 +32,8 @@ def points_from(results_path):
         data = json.load(handle)
     points = {}
     for row in data["table"]:
+        if "batch=" in row["setting"]:  # another batch size: not comparable with the run's batch in the title
+            continue
         if "error" not in row and row.get("peak_gib") is not None:
             points[row["setting"]] = (row["tokens_per_s"], row["peak_gib"])
     meta = data["meta"]

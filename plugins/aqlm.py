@@ -168,7 +168,7 @@ class AqlmBackend(QuantBackend):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from qadapt._hf import quiet_transformers
+        from qadapt._hf import model_dtype, quiet_transformers
         from qadapt.errors import CheckpointError
 
         quiet_transformers()
@@ -187,10 +187,10 @@ class AqlmBackend(QuantBackend):
         quant = dict(config.quantization_config)
         quant["linear_weights_not_to_quantize"] = _with_module_names(quant.get("linear_weights_not_to_quantize") or [])
         config.quantization_config = quant
-        # aqlm's CPU kernels need float32 (its numba kernel asserts it; de-quantization in half precision is slower)
-        dtype = None if torch.cuda.is_available() else torch.float32
+        # in the dtype the checkpoint records, as every backend loads a folder (qadapt's de-quantizing kernel, not
+        # aqlm's float32-only numba one, runs on CPU)
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, device_map="cuda:0" if torch.cuda.is_available() else "cpu"
+            path, config=config, dtype=model_dtype(path), device_map="cuda:0" if torch.cuda.is_available() else "cpu"
         )
         install_cpu_kernels(model)
         return model
@@ -383,13 +383,14 @@ def _with_module_names(names):
 
 
 def _load_full_precision(path):
-    import torch
+    """The folder's model on CPU, in the dtype its config records (as every backend loads a folder): the codebooks
+    are fitted in float32 whatever it is, and the layers take the model's dtype."""
     from transformers import AutoModelForCausalLM
 
-    from qadapt._hf import quiet_transformers
+    from qadapt._hf import model_dtype, quiet_transformers
 
     quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(path), device_map="cpu")
 
 
 @hookimpl

@@ -16,13 +16,15 @@ The stored tensor keeps the shape (in x out). transformers' EETQ integration sav
 
 Where EETQ itself cannot run (no wheel for this Python, no CUDA, SM90+ refused with "Unsupported Arch", transformers
 5 fetching EETQ's kernels from the Hub at run time), this plugin's ``kernel="torch"`` route undoes that layout
-(:func:`unpreprocess_int8`) and computes ``x @ (q * s)^T`` with the de-quantized weight in torch, on any device. The
+(:func:`unpreprocess_int8`, on the weight's device) and computes ``x @ (q * s)^T`` with the de-quantized weight in
+torch, on any device; in training the weight is de-quantized again in the backward rather than kept. The
 layout code is a re-implementation from EETQ's source; it is checked against EETQ's own ``quant_weights`` only by
 the GPU test ``test_layout_matches_eetq_library``, which needs a machine where EETQ runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -32,6 +34,7 @@ from qadapt.capabilities import declare, yes
 from qadapt.hookspecs import hookimpl
 
 ROW_PERMUTATION = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
+BYTE_SWAP = (0, 2, 1, 3)  # its own inverse
 TILE = 64  # both dimensions must be multiples of this (EETQ's kernels have the same limit)
 WEIGHTS_FILE = "model.safetensors"
 THROUGH_PROXY = yes(
@@ -235,33 +238,44 @@ def symmetric_quantize(weight):
     return q.contiguous(), scale.to(torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
+def _index(values, device):
+    """A small index tensor, made once per device: building it in each call would copy it from host memory every
+    forward and backward, and a copy from pageable memory waits for the GPU to finish its queue."""
+    import torch
+
+    return torch.tensor(values, device=device)
+
+
 def preprocess_int8(q):
     """EETQ's ``preprocess_weights`` for SM75-SM89 on an int8 (in, out) matrix (see the module docstring)."""
     import torch
 
     rows, cols = q.shape
     _check_shape(rows, cols)
-    perm = torch.tensor(ROW_PERMUTATION)
+    perm = _index(ROW_PERMUTATION, q.device)
     x = q.reshape(rows // 16, 16, cols)[:, perm, :].reshape(rows, cols)  # 1. row permutation per 16-row tile
     x = x.t().contiguous()  # 2. column-major: (out, in)
     x = x.reshape(cols // 2, 2, rows // TILE, TILE).permute(0, 2, 1, 3).reshape(-1)  # 3. ColumnMajorTileInterleave<64,2>
     u = (x.to(torch.int16) + 128).to(torch.uint8)  # 4a. +128
-    u = u.reshape(-1, 4)[:, [0, 2, 1, 3]].reshape(rows, cols)  # 4b. swap bytes 1 and 2 of every 4
+    u = u.reshape(-1, 4)[:, _index(BYTE_SWAP, q.device)].reshape(rows, cols)  # 4b. bytes 1 <-> 2 of 4
     return u.view(torch.int8)
 
 
 def unpreprocess_int8(stored):
-    """Undo :func:`preprocess_int8`: EETQ's stored (in, out) bytes back to the int8 matrix ``q^T`` (in, out)."""
+    """Undo :func:`preprocess_int8`: EETQ's stored (in, out) bytes back to the int8 matrix ``q^T`` (in, out), on
+    the stored tensor's device (the torch route runs this in every forward and backward)."""
     import torch
 
     rows, cols = stored.shape
     _check_shape(rows, cols)
-    u = stored.contiguous().view(torch.uint8).reshape(-1, 4)[:, [0, 2, 1, 3]].reshape(-1)
-    x = (u.to(torch.int16) - 128).to(torch.int8)
+    device = stored.device
+    u = stored.contiguous().view(torch.uint8).reshape(-1, 4)[:, _index(BYTE_SWAP, device)].reshape(-1)
+    x = (u ^ 0x80).view(torch.int8)  # -128: flipping the top bit of an unsigned byte is subtracting 128 from it
     x = x.reshape(cols // 2, rows // TILE, 2, TILE).permute(0, 2, 1, 3).reshape(cols, rows)
     x = x.t().contiguous()
     q = torch.empty_like(x)
-    q.reshape(rows // 16, 16, cols)[:, torch.tensor(ROW_PERMUTATION), :] = x.reshape(rows // 16, 16, cols)
+    q.reshape(rows // 16, 16, cols)[:, _index(ROW_PERMUTATION, device), :] = x.reshape(rows // 16, 16, cols)
     return q
 
 
@@ -316,7 +330,7 @@ def _layer_class():
 
         def int8_weight(self):
             """``q`` as (out, in) int8."""
-            return unpreprocess_int8(self.weight.cpu()).t().to(self.weight.device)
+            return unpreprocess_int8(self.weight).t()
 
         def dequantize(self):
             """(out, in) float16: ``q * scale`` in float16, the values EETQ's kernel multiplies with."""
@@ -325,9 +339,10 @@ def _layer_class():
         def forward(self, x):
             if self.kernel == "eetq" and x.is_cuda:
                 out = _EetqGemm.apply(x, self)
+            elif x.requires_grad and torch.is_grad_enabled():
+                out = _DequantizedMatmul.apply(x, self)
             else:
-                weight = self.dequantize().to(x.dtype if x.is_floating_point() else torch.float32)
-                out = F.linear(x, weight)
+                out = F.linear(x, self.dequantize().to(x.dtype if x.is_floating_point() else torch.float32))
             return out + self.bias.to(out.dtype) if self.bias is not None else out
 
         def extra_repr(self):
@@ -345,6 +360,20 @@ def _layer_class():
         def backward(ctx, grad):
             weight = ctx.layer.dequantize().to(grad.dtype)
             return grad @ weight, None
+
+    class _DequantizedMatmul(torch.autograd.Function):
+        """``x @ W^T`` with ``W`` de-quantized again in the backward instead of saved: autograd would otherwise keep
+        every layer's de-quantized weight alive until the backward, more memory than the unquantized model
+        (bitsandbytes' 4-bit matmul makes the same choice)."""
+
+        @staticmethod
+        def forward(ctx, x, layer):
+            ctx.layer = layer
+            return F.linear(x, layer.dequantize().to(x.dtype))
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad @ ctx.layer.dequantize().to(grad.dtype), None
 
     return _EetqTorchLinear
 

@@ -194,6 +194,23 @@ def test_qadapt_load_quantizes_a_folder_and_reloads_an_aqlm_one(tmp_path):
     assert torch.equal(again.model.layers[1].mlp.up_proj.codes, model.model.layers[1].mlp.up_proj.codes)
 
 
+def test_a_folder_is_quantized_and_reloaded_in_the_dtype_its_config_records(tmp_path):
+    """As transformers' dtype="auto" and every other backend: a bfloat16 checkpoint gives a bfloat16 model (the
+    H100 benchmark caught this backend training a bfloat16 checkpoint in float32)."""
+    fp = toy.save_model(toy.build_model(dtype=torch.bfloat16), tmp_path / "bf16")
+    model = qadapt.load(fp, "aqlm", **FAST)
+    layer = model.model.layers[0].mlp.up_proj
+    assert model.model.embed_tokens.weight.dtype == layer.codebooks.dtype == layer.scales.dtype == torch.bfloat16
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert model(ids).logits.dtype == torch.bfloat16
+    out = tmp_path / "aqlm"
+    out.mkdir()
+    qadapt.get_backend("aqlm").save(model, str(out), {})
+    again = qadapt.load(str(out), "aqlm")
+    assert again.model.layers[0].mlp.up_proj.codebooks.dtype == torch.bfloat16
+    assert torch.equal(again(ids).logits, model(ids).logits)
+
+
 # ---------------------------------------------------------------------------------------------- dequantize / requantize
 def test_requantize_keeps_codebooks_and_format(backend, quantized_2x8):
     # (qadapt refuses merge(strategy="requantize") on AQLM, see the capability table; the method itself works)

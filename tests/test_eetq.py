@@ -177,6 +177,23 @@ def test_lora_trains_and_merges(tmp_path):
         assert torch.equal(peft_model(batch).logits, adapted)
 
 
+def test_torch_route_recomputes_the_weight_in_the_backward_instead_of_keeping_it():
+    """Autograd would keep each layer's de-quantized weight until the backward (more memory than an unquantized
+    model, as the H100 benchmark measured); the torch route de-quantizes it again there, with the same gradient."""
+    weight = torch.randn(128, 192)
+    layer = eetq.layer_class().from_weight(weight)
+    x = torch.randn(3, 192, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = layer(x)
+    assert (128, 192) not in saved and (192, 128) not in saved
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    dequantized = layer.dequantize().float()
+    assert torch.allclose(out, x.detach() @ dequantized.t(), atol=1e-5)
+    assert torch.allclose(x.grad, grad @ dequantized, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["dora", "vera", "ia3", "adalora"])
 def test_other_methods_train_through_the_linear_proxy(method):
     """PEFT's DoRA would read EETQ's preprocessed bytes as the weight, and VeRA/IA3/AdaLoRA have no custom-layer
