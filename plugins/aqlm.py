@@ -121,10 +121,14 @@ class AqlmBackend(QuantBackend):
         import torch
         from transformers.quantizers.quantizer_aqlm import AqlmHfQuantizer
 
+        from qadapt._hf import load_full_precision, model_dtype
+
         from ._aqlm_quantize import quantize_weight
 
         if isinstance(model, (str, os.PathLike)):
-            model = _load_full_precision(str(model))
+            # on CPU, in the dtype its config records (as every backend loads a folder): the codebooks are fitted in
+            # float32 whatever it is, and the layers take the model's dtype
+            model = load_full_precision(str(model), gpu=False, dtype=model_dtype(str(model)), device_map="cpu")
         not_quantized, capped = [], []
         for name, module in list(model.named_modules()):
             if not isinstance(module, torch.nn.Linear):
@@ -380,17 +384,6 @@ def _with_module_names(names):
         if name.endswith(".weight") and name[: -len(".weight")] not in out:
             out.append(name[: -len(".weight")])
     return out
-
-
-def _load_full_precision(path):
-    """The folder's model on CPU, in the dtype its config records (as every backend loads a folder): the codebooks
-    are fitted in float32 whatever it is, and the layers take the model's dtype."""
-    from transformers import AutoModelForCausalLM
-
-    from qadapt._hf import model_dtype, quiet_transformers
-
-    quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(path), device_map="cpu")
 
 
 @hookimpl

@@ -140,8 +140,10 @@ class EETQBackend(QuantBackend):
     def quantize(self, model, options, calibration=None):
         import torch
 
+        from qadapt._hf import load_full_precision
+
         if isinstance(model, str):
-            model = _load_full(model)
+            model = load_full_precision(model, gpu=False)
         kernel = self._kernel(options)
         head = model.get_output_embeddings()
         for name, module in list(model.named_modules()):
@@ -348,19 +350,6 @@ def _layer_class():
         def extra_repr(self):
             return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
-    class _EetqGemm(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, layer):
-            from EETQ import w8_a16_gemm
-
-            ctx.layer = layer
-            return w8_a16_gemm(x.to(torch.float16), layer.weight, layer.weight_scales).to(x.dtype)
-
-        @staticmethod
-        def backward(ctx, grad):
-            weight = ctx.layer.dequantize().to(grad.dtype)
-            return grad @ weight, None
-
     class _DequantizedMatmul(torch.autograd.Function):
         """``x @ W^T`` with ``W`` de-quantized again in the backward instead of saved: autograd would otherwise keep
         every layer's de-quantized weight alive until the backward, more memory than the unquantized model
@@ -374,6 +363,16 @@ def _layer_class():
         @staticmethod
         def backward(ctx, grad):
             return grad @ ctx.layer.dequantize().to(grad.dtype), None
+
+    class _EetqGemm(_DequantizedMatmul):
+        """The forward on EETQ's ``w8_a16_gemm``; the same backward."""
+
+        @staticmethod
+        def forward(ctx, x, layer):
+            from EETQ import w8_a16_gemm
+
+            ctx.layer = layer
+            return w8_a16_gemm(x.to(torch.float16), layer.weight, layer.weight_scales).to(x.dtype)
 
     return _EetqTorchLinear
 
@@ -457,15 +456,6 @@ def _read_state(path):
     for name in files:
         state.update(load_file(os.path.join(path, name)))
     return state
-
-
-def _load_full(path):
-    from transformers import AutoModelForCausalLM
-
-    from qadapt._hf import quiet_transformers
-
-    quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(path)
 
 
 @hookimpl

@@ -54,8 +54,10 @@ class HQQBackend(QuantBackend):
         return BaseQuantizeConfig(nbits=options["bits"], group_size=options["group_size"])
 
     def quantize(self, model, options, calibration=None):
+        from qadapt._hf import load_full_precision
+
         if isinstance(model, str):
-            model = _load_full(model)
+            model = load_full_precision(model, gpu=False)
         quant_config = self._quant_config(options)
         compute_dtype = _compute_dtype(options, model.dtype)
         device = _device()
@@ -213,15 +215,6 @@ def _compute_dtype(options, model_dtype):
     import torch
 
     return model_dtype if options["compute_dtype"] == "auto" else getattr(torch, options["compute_dtype"])
-
-
-def _load_full(path):
-    from transformers import AutoModelForCausalLM
-
-    from qadapt._hf import quiet_transformers
-
-    quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(path)
 
 
 def _linear_layers(model):

@@ -156,9 +156,11 @@ class INCBackend(QuantBackend):
 
         from neural_compressor.torch.quantization import convert, prepare
 
+        from qadapt._hf import load_full_precision
+
         _quiet_inc()
         if isinstance(model, str):
-            model = _load_full(model)
+            model = load_full_precision(model, gpu=False)
         model.eval()
         if options["algorithm"] == "gptq":
             if not calibration:
@@ -425,15 +427,6 @@ def _model_device(model):
         return next(model.parameters()).device
     except StopIteration:
         return "cpu"
-
-
-def _load_full(path):
-    from transformers import AutoModelForCausalLM
-
-    from qadapt._hf import quiet_transformers
-
-    quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(path)
 
 
 def _quiet_inc():

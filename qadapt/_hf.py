@@ -68,9 +68,13 @@ def save_full_precision(model, path) -> None:
     save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-def load_full_precision(path):
+def load_full_precision(path, gpu=True, **from_pretrained):
+    """A full-precision folder as a transformers model, on the GPU where there is one; ``gpu=False`` leaves it where
+    ``from_pretrained`` puts it (the CPU), for quantizers that read it there. Other keywords go to ``from_pretrained``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(path, device_map="cuda:0" if torch.cuda.is_available() else "cpu")
+    if gpu:
+        from_pretrained.setdefault("device_map", "cuda:0" if torch.cuda.is_available() else "cpu")
+    return AutoModelForCausalLM.from_pretrained(path, **from_pretrained)
