@@ -25,6 +25,21 @@ def batches(tokenizer):
     return toy.token_batches(tokenizer, batch_size=2, seq_len=32, count=4)
 
 
+def train_steps(model, batches, lr=1e-2):
+    """AdamW on ``model``'s trainable parameters, one step per batch (labels = the inputs); the losses."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for batch in batches:
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def backend_ready(name: str):
     """Skip unless backend ``name`` is registered and can run here; the skip says why."""
     import qadapt

@@ -10,6 +10,8 @@ import qadapt
 from qadapt import toy
 from qadapt.errors import IncompatibleError
 
+from .conftest import train_steps
+
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -22,15 +24,8 @@ def train_then_serve_on_marlin(backend_name, backend, batches, tmp_path, *, marl
 
     # train on the torch kernel, on the GPU
     peft_model = qadapt.attach(model, "lora", r=8)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     ids = batches[0].cuda()
-    losses = []
-    for _ in range(4):
-        loss = peft_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(peft_model, [ids] * 4)
     assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0], losses
     peft_model.eval()
     with torch.no_grad():

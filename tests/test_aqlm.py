@@ -20,6 +20,8 @@ from qadapt.errors import IncompatibleError  # noqa: E402
 from qadapt_plugins import _aqlm_quantize as aq  # noqa: E402
 from qadapt_plugins.aqlm import AqlmBackend, install_cpu_kernels  # noqa: E402
 
+from .conftest import train_steps  # noqa: E402
+
 FAST = {"kmeans_iterations": 6, "refine_passes": 2}
 TARGET_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -236,15 +238,8 @@ def _train(peft_model, steps=3):
     batches = [torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(steps)]
     trainable = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
-    losses = []
-    for batch in batches * 2:
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(peft_model, batches * 2)
     peft_model.eval()
     params = dict(peft_model.named_parameters())
     assert trainable and all(not torch.equal(params[n], v) for n, v in trainable.items())

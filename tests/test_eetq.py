@@ -16,6 +16,8 @@ from qadapt import toy  # noqa: E402
 from qadapt.errors import BackendUnavailableError  # noqa: E402
 from qadapt_plugins import eetq  # noqa: E402
 
+from .conftest import train_steps  # noqa: E402
+
 BACKEND = eetq.EETQBackend()
 
 
@@ -155,15 +157,7 @@ def test_lora_trains_and_merges(tmp_path):
     model = api.load(toy.build_model(), "eetq", kernel="torch")
     peft_model = api.attach(model, "lora")
     assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "EetqLoraLinear"
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(peft_model, [batch] * 8)
     assert losses[-1] < losses[0] - 0.3
     peft_model.eval()
     with torch.no_grad():

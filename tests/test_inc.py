@@ -14,6 +14,8 @@ from qadapt import toy  # noqa: E402
 from qadapt.errors import InvalidOptionError  # noqa: E402
 from qadapt_plugins import inc  # noqa: E402
 
+from .conftest import train_steps  # noqa: E402
+
 BACKEND = inc.INCBackend()
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -141,17 +143,9 @@ def test_gptq_beats_rtn_on_output_error(batches):
 
 # ------------------------------------------------------------------------------------------------ adapters
 def _train(peft_model, batch, steps=8):
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    assert params and all("lora" in n for n, p in peft_model.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    return train_steps(peft_model, [batch] * steps)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
