@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import os
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: nox itself depends on tomli there
+    import tomli as tomllib
+
 import nox
 
 nox.options.sessions = ["tests"]
@@ -24,18 +29,12 @@ nox.options.default_venv_backend = "venv"
 CONSTRAINTS = ("-c", "constraints.txt")
 TORCH = "torch==2.13.0"
 EXAMPLE_PLUGIN = "examples/qadapt-rowwise-int8"
-#: extras per backend session; eetq has no installable build here, its session tests the honest refusal and the
-#: torch route for EETQ-format checkpoints.
-BACKENDS = {
-    "bnb": "bnb",
-    "hqq": "hqq",
-    "torchao": "torchao",
-    "gptq": "gptq",
-    "awq": "awq",
-    "aqlm": "aqlm",
-    "inc": "inc",
-    "eetq": None,
-}
+with open(os.path.join(os.path.dirname(__file__), "pyproject.toml"), "rb") as _handle:
+    _PROJECT = tomllib.load(_handle)["project"]
+#: the built-in backends: pyproject's entry points, each installed by the extra of its own name
+BACKENDS = list(_PROJECT["entry-points"]["qadapt"])
+#: what the default suite installs besides the core (the other backends run in their own sessions)
+DEFAULT_SUITE = ("bnb", "hqq", "torchao")
 #: (peft, transformers): the oldest supported pair (pyproject's lower bounds) and the newest tested.
 COMPAT = [("0.19.0", "5.4.0"), ("0.21.2", "5.23.0")]
 ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TOKENIZERS_PARALLELISM": "false"}
@@ -54,18 +53,17 @@ def pytest(session, *args):
 @nox.session(tags=["ci"])
 def tests(session):
     """The default suite: core, bnb, hqq, torchao and the example third-party plugin."""
-    install(session, "bnb", "hqq", "torchao")
+    install(session, *DEFAULT_SUITE)
     session.install("-e", EXAMPLE_PLUGIN, "--no-deps")
-    pytest(session, "tests", "-m", "not gpu", "--ignore-glob=tests/test_gptq.py", "--ignore-glob=tests/test_awq.py",
-           "--ignore-glob=tests/test_aqlm.py", "--ignore-glob=tests/test_inc.py", "--ignore-glob=tests/test_eetq.py")
+    others = [f"--ignore-glob=tests/test_{name}.py" for name in BACKENDS if name not in DEFAULT_SUITE]
+    pytest(session, "tests", "-m", "not gpu", *others)
 
 
 @nox.session(tags=["backends", "ci"])
-@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
 def backend(session, backend):
     """One backend's extra alone in its own environment: its tests and its capability table."""
-    extra = BACKENDS[backend]
-    install(session, *((extra,) if extra else ()))
+    install(session, backend)
     tests_file = f"tests/test_{backend}.py"
     selection = [tests_file] if os.path.exists(tests_file) else []
     pytest(session, *selection, "tests/test_capabilities.py", "-k", backend, "-m", "not gpu")
@@ -83,23 +81,22 @@ def compat(session, peft, transformers):
     junit = os.path.join(session.create_tmp(), "junit.xml")
     session.run("pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "tests/test_capabilities.py",
                 "tests/test_workflow.py", "tests/test_bad_input.py", *session.posargs, env=ENV, success_codes=[0, 1])
-    session.run("python", "-m", "qadapt.compat_docs", "docs/matrix", f"compat-peft{peft}-tf{transformers}.json",
+    session.run("python", "tools/compat_docs.py", "docs/matrix", f"compat-peft{peft}-tf{transformers}.json",
                 "--record-pair", junit, "--command", f'nox -s "compat(peft{peft}-tf{transformers})"')
 
 
 @nox.session
 def demo(session):
     """Set up and run the offline demo."""
-    install(session, "bnb", "hqq", "torchao")
+    install(session, *DEFAULT_SUITE)
     session.run("qadapt", "demo", env=ENV)
 
 
 @nox.session(tags=["matrix"])
-@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
 def matrix(session, backend):
     """`qadapt matrix --verify` for one backend in its own environment; writes docs/matrix/<backend>-cpu.json."""
-    extra = BACKENDS[backend]
-    install(session, *((extra,) if extra else ()))
+    install(session, backend)
     os.makedirs("docs/matrix", exist_ok=True)
     session.run("qadapt", "matrix", "--verify", "--backend", backend, "--output", f"docs/matrix/{backend}-cpu.json",
                 env=ENV, success_codes=[0, 1])
@@ -110,7 +107,7 @@ def matrix_docs(session):
     """Render docs/compatibility.md from the recorded runs in docs/matrix/."""
     session.install(TORCH)
     session.install("-e", ".", *CONSTRAINTS)
-    session.run("python", "-m", "qadapt.compat_docs", "docs/matrix", "docs/compatibility.md")
+    session.run("python", "tools/compat_docs.py", "docs/matrix", "docs/compatibility.md")
 
 
 @nox.session(name="bench_attach")

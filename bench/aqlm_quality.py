@@ -28,7 +28,7 @@ RTN_GROUPS = (16, 32, 64, 128, 256, 512, 1024)
 
 
 def matrices(big: bool):
-    from qadapt import toy
+    from qadapt.testing import toy
 
     model = toy.build_model()
     out = [
@@ -70,12 +70,12 @@ def check_numba(repeats: int = 8):
     import aqlm
     from aqlm.utils import _dequantize_weight, unpack_int_data
 
-    from qadapt_plugins.aqlm import _pack_codes
+    from qadapt_plugins._aqlm_layers import pack_codes
 
     weight = torch.randn(256, 128, generator=torch.Generator().manual_seed(0)) * 0.02
     result = aq.quantize_weight(weight, num_codebooks=2, nbits_per_codebook=8, kmeans_iterations=5)
     layer = aqlm.QuantizedLinear(128, 256, 8, 1, 2, 8, bias=False)
-    layer.codes.data = _pack_codes(result.codes, 8)
+    layer.codes.data = pack_codes(result.codes, 8)
     layer.codebooks.data = result.codebooks.clone()
     layer.scales.data = result.scales.clone()
     reference_weight = _dequantize_weight(unpack_int_data(layer.codes.data, 8), layer.codebooks.data, layer.scales.data)

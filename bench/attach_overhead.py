@@ -24,7 +24,7 @@ SNIPPET = r"""
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 mode, backend = sys.argv[1], sys.argv[2]
-from qadapt import toy
+from qadapt.testing import toy
 import peft, transformers
 model = toy.build_model(num_hidden_layers=2)
 if mode == "qadapt":

@@ -1,6 +1,6 @@
 """Merge quality: qadapt's re-quantizing merge against PEFT's ``merge_and_unload``, per backend.
 
-One tiny Llama (qadapt.toy), briefly trained in full precision on local text so its weights are not random; per
+One tiny Llama (qadapt.testing.toy), briefly trained in full precision on local text so its weights are not random; per
 backend it is quantized, a LoRA adapter is trained on the quantized model, and then the same adapter model is merged
 in several ways on identical copies:
 
@@ -93,7 +93,7 @@ def _write(path, report):
 
 # ------------------------------------------------------------------------------------------ data and models
 def _data(seed, train_count):
-    from qadapt import toy
+    from qadapt.testing import toy
 
     tokenizer = toy.build_tokenizer()
     text = toy.local_text(400_000)
@@ -106,7 +106,7 @@ def _data(seed, train_count):
 def _pretrain(data, steps, seed):
     import torch
 
-    from qadapt import toy
+    from qadapt.testing import toy
 
     model = toy.build_model(seed=seed)
     model.train()
@@ -180,7 +180,8 @@ def _targets(adapter_model, backend, adapter_name="default"):
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from qadapt import merging, proxy
+    from qadapt import proxy
+    from qadapt.merging.arithmetic import merged_weight
 
     out = {}
     inner = adapter_model.base_model.model
@@ -188,7 +189,7 @@ def _targets(adapter_model, backend, adapter_name="default"):
         for name, layer in inner.named_modules():
             if isinstance(layer, BaseTunerLayer):
                 weight = backend.dequantize(proxy.unwrap(layer.get_base_layer()))
-                out[name] = (weight, merging.merged_weight(layer, "lora", adapter_name, weight)[0])
+                out[name] = (weight, merged_weight(layer, "lora", adapter_name, weight)[0])
     return out
 
 
@@ -323,7 +324,7 @@ def _markdown(rows, args, base_loss, seconds):
             "",
             f"`{command}` on {datetime.date.today().isoformat()}, CPU ({torch.get_num_threads()} threads), {seconds:.0f} s. {versions}.",
             "",
-            f"Tiny Llama (qadapt.toy: 2 layers, hidden 128), trained {args.pretrain_steps} steps in full precision "
+            f"Tiny Llama (qadapt.testing.toy: 2 layers, hidden 128), trained {args.pretrain_steps} steps in full precision "
             f"(held-out loss {base_loss:.4f}); per backend, LoRA r={args.rank} on every linear layer trained "
             f"{args.adapter_steps} steps on the quantized model; 4 held-out batches of 8 x 64 tokens.",
             "",

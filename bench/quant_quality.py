@@ -1,7 +1,7 @@
 """Quantization quality per backend on a small Llama trained here (CPU, a few minutes, local text only).
 
 Random weights say nothing about quality (every format reconstructs Gaussian noise alike, and perplexity is the
-vocabulary size), so this trains a small Llama on the Python standard library's sources (``qadapt.toy.local_text``)
+vocabulary size), so this trains a small Llama on the Python standard library's sources (``qadapt.testing.toy.local_text``)
 for ``--minutes``, then for every backend setting: per-layer relative reconstruction error
 ``||W - dequantize(quantize(W))||_F / ||W||_F`` (through each backend's ``dequantize``, i.e. what the layer computes
 with) and held-out perplexity against the full-precision model.
@@ -54,7 +54,7 @@ def log(*args):
 def train_model(tokenizer, ids, minutes, eval_ids=None, seed=0):
     import torch
 
-    from qadapt import toy
+    from qadapt.testing import toy
 
     model = toy.build_model(seed=seed, **MODEL).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01, betas=(0.9, 0.95))
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     import qadapt
-    from qadapt import toy
+    from qadapt.testing import toy
     from train_throughput import ensure_backends
 
     hf_logging.set_verbosity_error()

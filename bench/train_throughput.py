@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(1, os.path.dirname(HERE))  # the repo root: qadapt (and plugins/) when qadapt is not installed
+sys.path.insert(1, os.path.dirname(HERE))  # the repo root: qadapt (and qadapt_plugins/) when qadapt is not installed
 
 from _storage import quantized_bits_per_weight, storage_bytes, theory_bits_for  # noqa: E402
 
@@ -130,13 +130,13 @@ def ensure_backends(names):
     """Register repo plugins by hand where qadapt is not pip-installed (the GPU machine runs from a checkout)."""
     import importlib
 
-    from qadapt.plugins import backends, registry
+    from qadapt.plugins import registrations, registry
 
-    have = backends()
+    have = registrations()
     for name in names:
         if name and name not in have:
             try:
-                registry().add(importlib.import_module(f"plugins.{name}"), name)
+                registry().add(importlib.import_module(f"qadapt_plugins.{name}"), name)
             except Exception as exc:  # recorded per setting when it is used
                 log(f"[setup] plugin {name} not importable: {type(exc).__name__}: {exc}")
 
@@ -448,7 +448,7 @@ def warm_up_libraries(ctx, names):
     import torch
 
     import qadapt
-    from qadapt import toy
+    from qadapt.testing import toy
 
     for backend in sorted({SETTINGS[n][0] for n in names if SETTINGS[n][0] in ("bnb", "torchao", "hqq")}):
         try:

@@ -1,10 +1,18 @@
 """qadapt: quantize a causal LM with any backend, train PEFT adapters on it, merge and ship, through one API.
 
-``import qadapt`` imports no backend library and no torch: the functions below import what they need when called.
+``import qadapt`` imports no backend library and no torch: the user API (:mod:`qadapt.api`) is imported on first use
+of one of its functions, which then import what they need.
+
+For plugin authors: :class:`QuantBackend`, :class:`Option`, :class:`Environment`, :func:`hookimpl`, the capability
+helpers (:mod:`qadapt.capabilities`), :mod:`qadapt.hf`, :mod:`qadapt.peft_layers`, :mod:`qadapt.merging.requant`
+and the conformance kit (:mod:`qadapt.testing`). ``docs/plugins.md`` is the guide.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ._version import __version__
 from .backend import Environment, Option, QuantBackend
 from .capabilities import METHODS, OPERATIONS, Support
 from .errors import (
@@ -18,59 +26,36 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers: the real functions, with their signatures
+    from .api import attach, load, load_adapter, merge, save, unmerge
+
+#: the user API, imported from :mod:`qadapt.api` on first use (``help(qadapt.load)`` shows the real signature)
+_API = ("load", "attach", "merge", "unmerge", "save", "load_adapter")
 
 
-def load(model, backend=None, **options):
-    """Load or quantize a model; see :func:`qadapt.api.load`."""
-    from .api import load as _load
+def __getattr__(name: str):
+    if name in _API:
+        from . import api
 
-    return _load(model, backend, **options)
-
-
-def attach(model, method="lora", **options):
-    """Attach a PEFT adapter; see :func:`qadapt.api.attach`."""
-    from .api import attach as _attach
-
-    return _attach(model, method, **options)
+        function = getattr(api, name)
+        globals()[name] = function
+        return function
+    raise AttributeError(f"module 'qadapt' has no attribute {name!r}")
 
 
-def merge(model, strategy="requantize", **options):
-    """Merge the adapter, measured and reversible; see :func:`qadapt.api.merge`."""
-    from .api import merge as _merge
-
-    return _merge(model, strategy, **options)
+def __dir__():
+    return sorted(set(globals()) | set(_API))
 
 
-def unmerge(model):
-    """Restore the exact original quantized weights; see :func:`qadapt.api.unmerge`."""
-    from .api import unmerge as _unmerge
+def backends() -> dict[str, QuantBackend]:
+    """Registered backends by name, in name order (imports no backend library)."""
+    from .plugins import registrations
 
-    return _unmerge(model)
-
-
-def save(model, path, **options):
-    """Save base + adapter + provenance atomically; see :func:`qadapt.api.save`."""
-    from .api import save as _save
-
-    return _save(model, path, **options)
+    return {name: registration.backend for name, registration in registrations().items()}
 
 
-def load_adapter(model, path, **options):
-    """Load a saved adapter onto a base, checking provenance; see :func:`qadapt.api.load_adapter`."""
-    from .api import load_adapter as _load_adapter
-
-    return _load_adapter(model, path, **options)
-
-
-def backends():
-    """Registered backends by name (imports no backend library)."""
-    from .plugins import backends as _backends
-
-    return {name: registration.backend for name, registration in _backends().items()}
-
-
-def get_backend(name):
+def get_backend(name: str) -> QuantBackend:
+    """The backend registered as ``name``, or :class:`UnknownBackendError` naming the available ones."""
     from .plugins import get_backend as _get_backend
 
     return _get_backend(name)
@@ -80,5 +65,5 @@ __all__ = [
     "load", "attach", "merge", "unmerge", "save", "load_adapter", "backends", "get_backend", "hookimpl",
     "QuantBackend", "Option", "Environment", "Support", "METHODS", "OPERATIONS",
     "QadaptError", "UnknownBackendError", "BackendUnavailableError", "InvalidOptionError", "IncompatibleError",
-    "MergeRefusedError", "CheckpointError",
+    "MergeRefusedError", "CheckpointError", "__version__",
 ]

@@ -9,19 +9,7 @@ from typing import Any
 from .capabilities import METHODS
 from .errors import InvalidOptionError
 
-#: The PEFT dispatchers (in ``peft.tuners.lora.model``) each built-in backend's layers need. While attaching, qadapt
-#: stubs out the others: PEFT otherwise imports every installed backend library on every attach (seconds).
-PEFT_DISPATCHERS = {
-    "none": (),
-    "bnb": ("bnb",),
-    "hqq": ("dispatch_hqq",),
-    "torchao": ("dispatch_torchao",),
-    "gptq": ("dispatch_gptq",),
-    "awq": ("dispatch_awq",),
-    "aqlm": ("dispatch_aqlm",),
-    "eetq": (),  # qadapt's own layer, through LoRA's custom-module hook
-    "inc": (),
-}
+#: PEFT's LoRA dispatchers for backend libraries (``peft.tuners.lora.model``), which fast dispatch can stub out.
 _SKIPPABLE = (
     "dispatch_eetq",
     "dispatch_aqlm",
@@ -33,6 +21,10 @@ _SKIPPABLE = (
     "dispatch_megatron",
     "dispatch_transformer_engine",
 )
+#: dispatchers whose layers are gptqmodel's: PEFT asks gptqmodel whether a layer is one of them
+_GPTQMODEL = ("dispatch_gptq", "dispatch_awq")
+#: bitsandbytes' LoRA dispatchers, which PEFT adds behind its ``is_bnb_available`` flags
+_BNB = ("dispatch_bnb_8bit", "dispatch_bnb_4bit")
 _patch_lock = threading.Lock()
 
 
@@ -69,6 +61,16 @@ def _inside_quantized(name, model, backend) -> bool:
         if backend.is_quantized_layer(model.get_submodule(".".join(parts[:i]))):
             return True
     return False
+
+
+def proxy_targets(model, targets) -> list[str]:
+    """Full names of the modules that ``targets`` (full names, suffixes, or a regex string, as PEFT takes them) match."""
+    import re
+
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        return [name for name in names if re.fullmatch(targets, name)]
+    return [name for name in names if any(name == t or name.endswith("." + t) for t in targets)]
 
 
 def peft_config(method: str, targets, model, options: dict[str, Any]):
@@ -130,14 +132,15 @@ def _feedforward(model, targets) -> list[str]:
 
 
 @contextmanager
-def fast_dispatch(backend_name: str):
-    """Skip PEFT's dispatchers for backends other than ``backend_name`` while attaching.
+def fast_dispatch(backend):
+    """Skip PEFT's dispatchers for other backends' layers while attaching to ``backend``'s.
 
     PEFT tries every backend it knows for every layer, importing each installed backend library (about 2,000 modules
-    with all of them installed). The model's layers can only match its own backend's dispatcher, so the others are
-    stubbed for the duration of the call. Unknown (third-party) backends get PEFT's full dispatch.
+    with all of them installed). The model's layers can only match the dispatchers its own backend names in
+    ``peft_dispatchers``, so the others are stubbed for the duration of the call. A backend that names none
+    (``None``) gets PEFT's full dispatch.
     """
-    needed = PEFT_DISPATCHERS.get(backend_name)
+    needed = backend.peft_dispatchers
     if needed is None:
         yield
         return
@@ -148,12 +151,12 @@ def fast_dispatch(backend_name: str):
     for name in _SKIPPABLE:
         if name not in needed and hasattr(lora, name):
             patches.append((lora, name, _no_dispatch))
-    if backend_name not in ("gptq", "awq"):
+    if not set(_GPTQMODEL) & set(needed):
         # PEFT asks "is this a gptqmodel layer?" of every layer that is not nn.Linear, importing gptqmodel to know.
         utils = importlib.import_module("peft.tuners.tuners_utils")
         if hasattr(utils, "is_gptqmodel_quant_linear"):
             patches.append((utils, "is_gptqmodel_quant_linear", _false))
-    if "bnb" not in needed:
+    if not set(_BNB) & set(needed):
         for module_name in ("peft.tuners.lora.model", "peft.tuners.ia3.model", "peft.tuners.adalora.model", "peft.tuners.vera.model"):
             module = importlib.import_module(module_name)
             for flag in ("is_bnb_available", "is_bnb_4bit_available"):

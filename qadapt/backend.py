@@ -1,24 +1,36 @@
-"""The interface every quantization backend implements.
+"""The contract every quantization backend implements.
 
-A backend is a plain object; a plugin hands instances to qadapt through the ``register_backends`` hook
-(see :mod:`qadapt.hookspecs`). Rules that keep qadapt light and honest:
+A backend is a :class:`QuantBackend` subclass; a plugin hands instances to qadapt through the ``register_backends``
+hook (:mod:`qadapt.hookspecs`). The whole contract is in this class, documented member by member in
+``docs/plugins.md`` (a test keeps the two in step):
 
-* import the backend library inside methods, never at module import time: ``import qadapt`` and ``qadapt backends``
-  must not import it;
-* :meth:`QuantBackend.check_environment` never raises: it says whether the library can run here, and if not, why and
-  how to fix it;
-* :meth:`QuantBackend.capabilities` is a promise that the conformance kit (:mod:`qadapt.conformance`) checks.
+* **always required**: :attr:`name`, :meth:`capabilities`, :meth:`quantize`, and which layers are the backend's
+  (:meth:`quantized_layer_types` or :meth:`is_quantized_layer`);
+* **required by what you declare**: a ``save`` cell that says yes needs :meth:`save` and :meth:`load`; a
+  ``merge_dequantized`` yes (or any :attr:`proxy_methods`) needs :meth:`dequantize`; a ``merge`` yes needs
+  :meth:`requantize`; :attr:`requantize_policies` / :attr:`requantize_uses_inputs` need the matching ``policy=`` /
+  ``hessian=`` keywords of :meth:`requantize`. qadapt checks these when the plugin registers (:func:`contract_problems`)
+  and skips a backend that breaks them, recording why;
+* **optional**: everything else has a default that says what it does;
+* **not to be overridden**: :meth:`validate_options`, :meth:`peft_compatible`, :meth:`can_merge`,
+  :meth:`library_version` read the declarations above.
+
+Rules that keep qadapt light and honest: import the backend library inside methods, never at module import time
+(``import qadapt`` and ``qadapt backends`` must not import it); :meth:`check_environment` never raises;
+:meth:`capabilities` is a promise the conformance kit (:mod:`qadapt.testing.conformance`) checks.
 """
 
 from __future__ import annotations
 
+import abc
 import importlib
 import importlib.metadata
+import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .capabilities import Support, Table
-from .errors import InvalidOptionError, QadaptError
+from .capabilities import METHODS, OPERATIONS, Support, Table
+from .errors import InvalidOptionError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -76,13 +88,15 @@ class Environment:
         return "ok" if self.ok else "unavailable"
 
 
-class QuantBackend:
-    """Base class for a quantization backend. Subclasses set the class attributes and override the methods.
+class QuantBackend(abc.ABC):
+    """Base class for a quantization backend: set the class attributes, implement the abstract methods and the ones
+    your capability table promises.
 
     Capabilities are per options (torchao int4 trains differently from int8), so most methods take the validated
     ``options`` dict that :meth:`validate_options` returned.
     """
 
+    # ------------------------------------------------------------------ who it is
     #: short name used in ``qadapt.load(..., backend=name)``
     name: str = ""
     #: one line shown by ``qadapt backends``
@@ -93,13 +107,36 @@ class QuantBackend:
     distribution: str = ""
     #: how to install what is missing
     install_hint: str = ""
-    #: accepted options, by name
+    #: accepted options
     options: tuple[Option, ...] = ()
-    #: True if :meth:`quantize` needs calibration data
+
+    # ------------------------------------------------------------------ what it needs and offers
+    #: True if :meth:`quantize` needs calibration data (per options: override :meth:`needs_calibration`)
     requires_calibration: bool = False
     #: adapter methods PEFT has no layer for on this backend, for which qadapt presents the quantized layers as
     #: ``nn.Linear`` (see :mod:`qadapt.proxy`); declare them trainable in :meth:`capabilities` only once verified
     proxy_methods: tuple[str, ...] = ()
+    #: the re-quantization policies :meth:`requantize` accepts as ``policy=`` (see :mod:`qadapt.merging.requant`);
+    #: empty: it has one way to re-quantize and takes no ``policy``
+    requantize_policies: tuple[str, ...] = ()
+    #: True if :meth:`requantize` takes ``hessian=`` (the layer's input statistics) to round with them
+    requantize_uses_inputs: bool = False
+    #: the PEFT LoRA dispatchers (``peft.tuners.lora.model.dispatch_*``) this backend's layers need; qadapt stubs the
+    #: others while attaching, because PEFT imports every installed backend library on every attach (seconds).
+    #: ``()``: PEFT's default ``nn.Linear`` dispatch (or :meth:`peft_layer_types`) is enough; ``None``: full dispatch
+    peft_dispatchers: tuple[str, ...] | None = None
+
+    # ------------------------------------------------------------------ how it is shown and verified
+    #: option sets ``qadapt matrix`` shows and verifies (and the conformance tests run)
+    matrix_variants: tuple[Mapping[str, Any], ...] = ({},)
+    #: option sets verified only where a CUDA GPU is present (shown in the declared table where they validate)
+    gpu_variants: tuple[Mapping[str, Any], ...] = ()
+    #: the options ``qadapt demo`` runs this backend with
+    demo_options: Mapping[str, Any] = {}
+    #: a quantized folder made elsewhere, verified instead where :meth:`quantize` cannot run here (None: none)
+    verification_checkpoint: str | None = None
+    #: machines ("cpu", "gpu") this backend is not verified on by design, with the reason (docs/compatibility.md)
+    not_run_on: Mapping[str, str] = {}
 
     # ----------------------------------------------------------------- environment
     def check_environment(self) -> Environment:
@@ -117,7 +154,13 @@ class QuantBackend:
                 )
         return Environment(ok=True, version=version)
 
+    def install_problems(self) -> list[tuple[str, str]]:
+        """Installs of this backend's library seen to break more than this backend (``qadapt doctor`` lists them):
+        ``(problem, fix)`` pairs for what is wrong here, found without importing the library. Default: none."""
+        return []
+
     def library_version(self) -> str | None:
+        """The installed version of :attr:`distribution` (None where it is not installed). Not to be overridden."""
         if not self.distribution:
             return None
         try:
@@ -127,7 +170,8 @@ class QuantBackend:
 
     # ----------------------------------------------------------------- options
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Return the full, normalised options (defaults filled in) or raise :class:`InvalidOptionError`."""
+        """The full, normalised options (defaults filled in), or :class:`InvalidOptionError`. Not to be overridden:
+        override :meth:`check_option_combination` for rules across options."""
         known = {option.name: option for option in self.options}
         unknown = sorted(set(options) - set(known))
         if unknown:
@@ -144,7 +188,8 @@ class QuantBackend:
         return self.check_option_combination(resolved)
 
     def check_option_combination(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Override to refuse combinations that single options cannot express. Return the options."""
+        """Refuse combinations that single options cannot express (raise :class:`InvalidOptionError`); return the
+        options. Default: every combination is fine."""
         return options
 
     def needs_calibration(self, options: dict[str, Any]) -> bool:
@@ -152,16 +197,18 @@ class QuantBackend:
         return self.requires_calibration
 
     # ----------------------------------------------------------------- capabilities
+    @abc.abstractmethod
     def capabilities(self, options: dict[str, Any]) -> Table:
-        """The full ``{(method, operation): Support}`` table for these options (see :func:`qadapt.capabilities.declare`)."""
-        raise NotImplementedError
+        """The full ``{(method, operation): Support}`` table for these options (see :func:`qadapt.capabilities.declare`).
+        Pure: imports no backend library."""
 
     def peft_compatible(self, method: str, options: dict[str, Any]) -> Support:
-        """Can adapter ``method`` be attached and trained on a model quantized with ``options``?"""
+        """Can adapter ``method`` be attached and trained on a model quantized with ``options``? Not to be overridden."""
         return self.capabilities(options)[(method, "train")]
 
     def can_merge(self, method: str, options: dict[str, Any], strategy: str = "requantize") -> Support:
-        """Can a ``method`` adapter be merged with ``strategy`` (``"requantize"`` or ``"dequantize"``)?"""
+        """Can a ``method`` adapter be merged with ``strategy`` (``"requantize"`` / ``"dequantize"``)?
+        Not to be overridden."""
         from .capabilities import MERGE_STRATEGIES
 
         return self.capabilities(options)[(method, MERGE_STRATEGIES[strategy])]
@@ -171,27 +218,29 @@ class QuantBackend:
 
         Merges are measured against the unmerged adapter model, which computes ``deq(W) x + adapter(x)`` through the
         backend's forward. A backend whose forward also rounds activations (LLM.int8) declares that here, and the
-        conformance kit allows a de-quantized merge that much difference."""
+        conformance kit allows a de-quantized merge that much difference. Default: 1e-4."""
         return 1e-4
 
     # ----------------------------------------------------------------- heavy work
+    @abc.abstractmethod
     def quantize(self, model: Any, options: dict[str, Any], calibration: Any = None) -> "torch.nn.Module":
         """Quantize ``model`` (a ``PreTrainedModel`` in full precision, or a path to one saved with safetensors).
 
-        Return the quantized model; it may be the same object, changed in place.
-        """
-        raise NotImplementedError
+        Return the quantized model; it may be the same object, changed in place. ``calibration``: a list of token-id
+        tensors, or None."""
 
     def load(self, path: str, options: dict[str, Any]) -> "torch.nn.Module":
-        """Load a checkpoint that is already quantized in this backend's format (from :meth:`save` or elsewhere)."""
-        raise NotImplementedError
+        """Load a folder already quantized in this backend's format (from :meth:`save` or elsewhere). Required when a
+        ``save`` cell says yes."""
+        raise NotImplementedError(f"backend '{self.name}' cannot load quantized folders")
 
     def save(self, model: "torch.nn.Module", path: str, options: dict[str, Any]) -> None:
-        """Write the quantized ``model`` (no adapter) into the existing, empty folder ``path``, with safetensors."""
-        raise NotImplementedError
+        """Write the quantized ``model`` (no adapter) into the existing, empty folder ``path``, with safetensors.
+        Required when a ``save`` cell says yes."""
+        raise NotImplementedError(f"backend '{self.name}' cannot save")
 
     def is_quantized_checkpoint(self, path: str) -> bool:
-        """Does the transformers folder ``path`` already hold weights in this backend's format? By default: its
+        """Does the transformers folder ``path`` already hold weights in this backend's format? Default: its
         ``config.json`` has a ``quantization_config``."""
         import json
         import os
@@ -203,33 +252,87 @@ class QuantBackend:
             return False
 
     def quantized_layer_types(self) -> tuple[type, ...]:
-        """The module classes this backend puts in place of ``nn.Linear`` (they become adapter targets)."""
+        """The module classes this backend puts in place of ``nn.Linear`` (they become adapter targets). Implement
+        this or :meth:`is_quantized_layer`."""
         return ()
 
     def is_quantized_layer(self, module: "torch.nn.Module") -> bool:
-        """Is ``module`` one of this backend's quantized layers? By default: an instance of
-        :meth:`quantized_layer_types`. Override where the layer class says nothing (torchao keeps ``nn.Linear``)."""
+        """Is ``module`` one of this backend's quantized layers? Default: an instance of :meth:`quantized_layer_types`.
+        Override where the layer class says nothing (torchao keeps ``nn.Linear``)."""
         types = self.quantized_layer_types()
         return bool(types) and isinstance(module, types)
 
     def dequantize(self, module: "torch.nn.Module") -> "torch.Tensor":
-        """The full-precision (float32) weight of one quantized layer, shaped ``(out_features, in_features)``."""
-        raise NotImplementedError
+        """The full-precision (float32) weight of one quantized layer, shaped ``(out_features, in_features)``.
+        Required when a ``merge_dequantized`` cell says yes, or :attr:`proxy_methods` is not empty."""
+        raise NotImplementedError(f"backend '{self.name}' cannot de-quantize")
 
     def requantize(self, module: "torch.nn.Module", weight: "torch.Tensor") -> "torch.nn.Module":
-        """A new layer in ``module``'s format and options holding ``weight`` (same bias). ``module`` is not changed."""
-        raise NotImplementedError
+        """A new layer in ``module``'s format and options holding ``weight`` (same bias); ``module`` is not changed.
+        Required when a ``merge`` cell says yes. Backends that declare :attr:`requantize_policies` also take
+        ``policy=`` (one of them), and with :attr:`requantize_uses_inputs` ``hessian=`` (``X^T X`` of the layer's
+        inputs, or None)."""
+        raise NotImplementedError(f"backend '{self.name}' cannot re-quantize")
 
     def peft_layer_types(self) -> dict[type, Any]:
         """Extra ``{quantized layer class: LoRA layer factory}`` for layers PEFT does not know (see PEFT's
-        ``LoraConfig._register_custom_module``). Most backends need none."""
+        ``LoraConfig._register_custom_module`` and :func:`qadapt.peft_layers.requantizing_lora_layer`). Default:
+        none."""
         return {}
-
-    # ----------------------------------------------------------------- helpers for subclasses
-    def refuse(self, asked: str, support: Support) -> QadaptError:
-        from .errors import IncompatibleError
-
-        return IncompatibleError(asked, support.reason, support.hint)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+#: members a backend must not override: they read its declarations
+FINAL = ("validate_options", "peft_compatible", "can_merge", "library_version")
+
+
+def _overrides(backend: QuantBackend, member: str) -> bool:
+    return getattr(type(backend), member) is not getattr(QuantBackend, member)
+
+
+def contract_problems(backend: QuantBackend) -> list[str]:
+    """What ``backend`` breaks of the contract above, in words (empty: nothing). Imports no backend library: it reads
+    the class and the capability table of the default options."""
+    problems = []
+    if not isinstance(backend.name, str) or not backend.name:
+        return [f"{type(backend).__name__} has no name"]
+    for member in FINAL:
+        if _overrides(backend, member):
+            problems.append(f"overrides {member}(), which reads the backend's declarations and must not be replaced")
+    names = [option.name for option in backend.options if isinstance(option, Option)]
+    if len(names) != len(backend.options):
+        problems.append("options must be qadapt.Option instances")
+    elif len(set(names)) != len(names):
+        problems.append(f"declares an option twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    if not (_overrides(backend, "quantized_layer_types") or _overrides(backend, "is_quantized_layer")):
+        problems.append("implements neither quantized_layer_types() nor is_quantized_layer(): qadapt cannot find its layers")
+    for attribute in ("matrix_variants", "gpu_variants"):
+        if not all(isinstance(variant, Mapping) for variant in getattr(backend, attribute)):
+            problems.append(f"{attribute} must be a tuple of option dicts")
+    unknown = [m for m in backend.proxy_methods if m not in METHODS]
+    if unknown:
+        problems.append(f"proxy_methods names unknown adapter methods: {', '.join(unknown)}")
+    try:
+        table = backend.capabilities(backend.validate_options({}))
+    except Exception as exc:  # noqa: BLE001 - reported, never raised: this runs while plugins load
+        return problems + [f"capabilities() of the default options raised {type(exc).__name__}: {exc}"]
+    missing = [f"{m}/{o}" for m in METHODS for o in OPERATIONS if not isinstance(table.get((m, o)), Support)]
+    if missing:
+        return problems + [f"capabilities() leaves cells undeclared ({', '.join(missing[:4])}...); build it with "
+                           "qadapt.capabilities.declare"]
+    says = {operation: any(table[(m, operation)] for m in METHODS) for operation in OPERATIONS}
+    needs = [("save", ("save", "load")), ("merge", ("requantize",)), ("merge_dequantized", ("dequantize",))]
+    for operation, members in needs:
+        for member in members:
+            if says[operation] and not _overrides(backend, member):
+                problems.append(f"declares '{operation}' but does not implement {member}()")
+    if backend.proxy_methods and not _overrides(backend, "dequantize"):
+        problems.append("declares proxy_methods but does not implement dequantize() (the proxy reads the weight)")
+    keywords = inspect.signature(backend.requantize).parameters
+    if backend.requantize_policies and "policy" not in keywords:
+        problems.append("declares requantize_policies but requantize() takes no policy=")
+    if backend.requantize_uses_inputs and "hessian" not in keywords:
+        problems.append("declares requantize_uses_inputs but requantize() takes no hessian=")
+    return problems

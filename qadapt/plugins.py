@@ -1,7 +1,8 @@
 """Finding, loading and guarding plugins.
 
 Backends come from the ``qadapt`` entry-point group, the built-in ones exactly like third-party ones. Loading is
-guarded: a plugin that fails to import, whose hook raises, or that registers something invalid is recorded in
+guarded: a plugin that fails to import, whose hook raises, that implements a hook qadapt does not know, or that
+registers something that breaks the backend contract (:func:`qadapt.backend.contract_problems`) is recorded in
 :func:`failures` and skipped; qadapt and the other backends carry on.
 
 ``QADAPT_LOAD_PLUGINS`` chooses which entry points load: unset loads all, ``""`` loads none, ``"bnb,hqq"`` loads those.
@@ -9,6 +10,7 @@ guarded: a plugin that fails to import, whose hook raises, or that registers som
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging
 import os
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 import pluggy
 
 from . import hookspecs
-from .backend import QuantBackend
-from .errors import UnknownBackendError
+from .backend import QuantBackend, contract_problems
+from .errors import BackendUnavailableError, UnknownBackendError
 
 GROUP = "qadapt"
 ENV_SWITCH = "QADAPT_LOAD_PLUGINS"
@@ -45,7 +47,7 @@ class Registration:
 
 class _Registry:
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager("qadapt")
+        self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.backends: dict[str, Registration] = {}
         self.failures: list[PluginFailure] = []
@@ -80,18 +82,35 @@ class _Registry:
         except Exception as exc:
             self._fail(name, "register", exc)
             return
-        for impl in self.pm.hook.register_backends.get_hookimpls():
-            if impl.plugin_name != name:
-                continue
-            staged: list[QuantBackend] = []
-            try:
-                impl.function(register=lambda backend: staged.append(self._checked(backend, name)))
-            except Exception as exc:
-                self._fail(name, "register", exc)
-                self.pm.unregister(name=name)
-                return
-            for backend in staged:
-                self.backends[backend.name] = Registration(backend, name, version)
+        unknown = self._unknown_hooks(name)
+        if unknown:
+            self.pm.unregister(name=name)
+            self._fail(name, "register", ValueError(unknown))
+            return
+        impls = [impl for impl in self.pm.hook.register_backends.get_hookimpls() if impl.plugin_name == name]
+        staged: list[QuantBackend] = []
+        try:
+            for impl in impls:
+                impl.function(register=lambda backend: staged.append(self._checked(backend, name, staged)))
+        except Exception as exc:
+            self._fail(name, "register", exc)
+            self.pm.unregister(name=name)
+            return
+        for backend in staged:
+            self.backends[backend.name] = Registration(backend, name, version)
+
+    def _unknown_hooks(self, name: str) -> str:
+        """Why the plugin's hooks are not qadapt's (empty: they are): a misspelt hook would register nothing."""
+        callers = self.pm.get_hookcallers(self.pm.get_plugin(name)) or []
+        known = sorted(hook for hook, caller in vars(self.pm.hook).items() if getattr(caller, "spec", None) is not None)
+        strays = sorted(caller.name for caller in callers if caller.spec is None)
+        if strays:
+            close = difflib.get_close_matches(strays[0], known, n=1)
+            maybe = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"implements hooks qadapt does not know: {', '.join(strays)}{maybe}"
+        if not callers:
+            return f"implements no qadapt hook (known: {', '.join(known)})"
+        return ""
 
     def remove(self, name: str) -> None:
         """Unregister plugin ``name`` and forget its backends and failures."""
@@ -100,14 +119,18 @@ class _Registry:
         self.backends = {k: r for k, r in self.backends.items() if r.plugin != name}
         self.failures = [f for f in self.failures if f.plugin != name]
 
-    def _checked(self, backend: object, plugin: str) -> QuantBackend:
+    def _checked(self, backend: object, plugin: str, staged: list) -> QuantBackend:
         if not isinstance(backend, QuantBackend):
             raise ValueError(f"register() expects a qadapt.QuantBackend instance, got {type(backend).__name__}")
-        if not backend.name:
-            raise ValueError(f"{type(backend).__name__} has no name")
+        problems = contract_problems(backend)
+        if problems:
+            raise ValueError(f"backend {backend.name or type(backend).__name__!r} breaks the backend contract: "
+                             + "; ".join(problems))
         taken = self.backends.get(backend.name)
         if taken is not None and taken.plugin != plugin:
             raise ValueError(f"backend name '{backend.name}' is already registered by plugin '{taken.plugin}'")
+        if any(other.name == backend.name for other in staged):
+            raise ValueError(f"backend name '{backend.name}' is registered twice by this plugin")
         return backend
 
     def _fail(self, plugin: str, stage: str, exc: BaseException) -> None:
@@ -124,8 +147,9 @@ def registry() -> _Registry:
     return _registry
 
 
-def backends() -> dict[str, Registration]:
-    """Every registered backend, by name, in name order. Imports no backend library."""
+def registrations() -> dict[str, Registration]:
+    """Every registered backend's registration (backend, plugin, plugin version), by name, in name order. Imports no
+    backend library."""
     return dict(sorted(registry().backends.items()))
 
 
@@ -136,16 +160,32 @@ def failures() -> list[PluginFailure]:
 
 def get_backend(name: str) -> QuantBackend:
     """The backend registered as ``name``, or :class:`UnknownBackendError` naming the available ones."""
-    found = registry().backends.get(name)
+    found = registry().backends.get(name) if isinstance(name, str) else None
     if found is not None:
         return found.backend
-    available = ", ".join(backends()) or "none"
+    available = ", ".join(registrations()) or "none"
     broken = failures()
     note = f" ({len(broken)} plugin{'s' if len(broken) != 1 else ''} failed to load: run `qadapt doctor`)" if broken else ""
     hint = f"Available: {available}{note}"
     if os.environ.get(ENV_SWITCH) is not None:
         hint += f". {ENV_SWITCH}={os.environ[ENV_SWITCH]!r} limits which plugins load"
-    raise UnknownBackendError(f"backend '{name}'", "no plugin registers a backend of that name", hint)
+    raise UnknownBackendError(f"backend {name!r}", "no plugin registers a backend of that name", hint)
+
+
+def ready_backend(name: str, asked: str) -> QuantBackend:
+    """The backend ``name``, checked to run here; :class:`BackendUnavailableError` (with the fix) where it cannot."""
+    backend = get_backend(name)
+    env = backend.check_environment()
+    if not env.ok:
+        raise BackendUnavailableError(asked, f"backend '{name}' is installed but cannot run: {env.reason}", env.hint)
+    return backend
+
+
+def backend_of(record) -> QuantBackend:
+    """The backend a :class:`qadapt.record.Record` names; the full-precision one for a model no backend loaded."""
+    from .unquantized import UNQUANTIZED
+
+    return UNQUANTIZED if record.backend is None else get_backend(record.backend)
 
 
 def register_plugin(plugin: object, name: str) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .hf import replace_module
+
 
 class QuantizedLinearProxy(torch.nn.Linear):
     def __init__(self, quantized: torch.nn.Module, dequantize, in_features: int, out_features: int) -> None:
@@ -43,13 +45,8 @@ def wrap(model, names, backend) -> None:
         if isinstance(module, QuantizedLinearProxy) or not backend.is_quantized_layer(module):
             continue
         out_features, in_features = backend.dequantize(module).shape
-        _set(model, name, QuantizedLinearProxy(module, backend.dequantize, in_features, out_features))
+        replace_module(model, name, QuantizedLinearProxy(module, backend.dequantize, in_features, out_features))
 
 
 def unwrap(module):
     return module.quantized if isinstance(module, QuantizedLinearProxy) else module
-
-
-def _set(root, name, module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)

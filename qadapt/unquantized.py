@@ -13,6 +13,7 @@ from .capabilities import METHODS, declare, yes
 class Unquantized(QuantBackend):
     name = "none"
     summary = "full precision (no quantization)"
+    peft_dispatchers = ()  # plain nn.Linear layers: PEFT's default dispatch
 
     def capabilities(self, options):
         return declare(
@@ -22,6 +23,10 @@ class Unquantized(QuantBackend):
             save=yes("saved with safetensors like any transformers model"),
         )
 
+    def quantize(self, model, options, calibration=None):
+        """Nothing to quantize: the model itself (a folder is loaded in full precision)."""
+        return self.load(model, options) if isinstance(model, str) else model
+
     def quantized_layer_types(self):
         return ()
 
@@ -29,20 +34,21 @@ class Unquantized(QuantBackend):
         return module.weight.detach().float()
 
     def requantize(self, module, weight):
-        from ._hf import clone_module
         import torch
+
+        from .hf import clone_module
 
         clone = clone_module(module)
         clone.weight = torch.nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
         return clone
 
     def save(self, model, path, options):
-        from ._hf import save_full_precision
+        from .hf import save_full_precision
 
         save_full_precision(model, path)
 
     def load(self, path, options):
-        from ._hf import load_full_precision
+        from .hf import load_full_precision
 
         return load_full_precision(path)
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from qadapt import toy
+from qadapt.testing import toy
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +43,18 @@ def train_steps(model, batches, lr=1e-2):
 def backend_ready(name: str):
     """Skip unless backend ``name`` is registered and can run here; the skip says why."""
     import qadapt
-    from qadapt.plugins import backends
-
-    if name not in backends():
+    if name not in qadapt.backends():
         pytest.skip(f"backend '{name}' is not registered (its plugin failed to load, see `qadapt doctor`)")
     env = qadapt.get_backend(name).check_environment()
     if not env.ok:
         pytest.skip(f"backend '{name}' cannot run here: {env.reason}")
+
+
+def builtin_backends() -> list[str]:
+    """The backends qadapt's own distribution ships (its ``qadapt`` entry points), whatever is registered."""
+    from importlib.metadata import distribution
+
+    return sorted(ep.name for ep in distribution("qadapt").entry_points if ep.group == "qadapt")
 
 
 def cuda_available() -> bool:

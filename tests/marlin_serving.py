@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qadapt
-from qadapt import toy
+from qadapt.testing import toy
 from qadapt.errors import IncompatibleError
 
 from .conftest import train_steps

@@ -15,10 +15,11 @@ torch = pytest.importorskip("torch")
 aqlm = pytest.importorskip("aqlm", reason="AQLM backend needs `pip install 'qadapt[aqlm]'`")
 
 import qadapt  # noqa: E402
-from qadapt import toy  # noqa: E402
+from qadapt.testing import toy  # noqa: E402
 from qadapt.errors import IncompatibleError  # noqa: E402
 from qadapt_plugins import _aqlm_quantize as aq  # noqa: E402
-from qadapt_plugins.aqlm import AqlmBackend, install_cpu_kernels  # noqa: E402
+from qadapt_plugins._aqlm_layers import install_cpu_kernels  # noqa: E402
+from qadapt_plugins.aqlm import AqlmBackend  # noqa: E402
 
 from .conftest import train_steps  # noqa: E402
 

@@ -1,7 +1,7 @@
 """AWQ backend (gptqmodel): CPU refuses to quantize; AWQ checkpoints load, de-/re-quantize and train on CPU.
 
-``tests/data/awq-tiny`` is a real AWQ checkpoint of the toy Llama, made by gptqmodel's AWQ on a GPU with
-``tests/data/make_awq_tiny.py`` (see docs/gpu-runs.md); ``reference.safetensors`` beside it holds the float model's and
+``qadapt_plugins/data/awq-tiny`` is a real AWQ checkpoint of the toy Llama, made by gptqmodel's AWQ on a GPU with
+``tools/make_awq_tiny.py`` (see docs/gpu-runs.md); ``reference.safetensors`` beside it holds the float model's and
 the GPU AWQ model's logits for fixed inputs. A second checkpoint is made here on CPU by packing round-to-nearest
 weights with gptqmodel's own AWQ packer: the same file format, without AWQ's activation-aware scale search.
 """
@@ -17,15 +17,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("gptqmodel", reason="AWQ backend needs `pip install 'qadapt[awq]'`")
 
 import qadapt  # noqa: E402
-from qadapt import toy  # noqa: E402
+from qadapt.testing import toy  # noqa: E402
 from qadapt.errors import BackendUnavailableError  # noqa: E402
 from qadapt_plugins import _gptqmodel_common as common  # noqa: E402
 from qadapt_plugins.awq import AWQBackend  # noqa: E402
 
-AWQ_TINY = os.path.join(os.path.dirname(__file__), "data", "awq-tiny")
+AWQ_TINY = AWQBackend.verification_checkpoint  # shipped with the plugin
 needs_data = pytest.mark.skipif(
     not os.path.exists(os.path.join(AWQ_TINY, "model.safetensors")),
-    reason="tests/data/awq-tiny is missing: make it on a GPU with tests/data/make_awq_tiny.py",
+    reason="qadapt_plugins/data/awq-tiny is missing: make it on a GPU with tools/make_awq_tiny.py",
 )
 
 
@@ -173,7 +173,7 @@ def test_capability_table_is_as_declared(backend):
 
 
 def test_conformance_every_declared_cell_on_an_awq_checkpoint(rtn):
-    from qadapt.conformance import check_backend
+    from qadapt.testing.conformance import check_backend
 
     path = AWQ_TINY if os.path.exists(os.path.join(AWQ_TINY, "model.safetensors")) else rtn[0]
     results = check_backend("awq", {}, model_factory=lambda: path)

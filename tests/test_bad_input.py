@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qadapt
-from qadapt.conformance import _same, _snapshot
+from qadapt.testing.conformance import _same, _snapshot
 
 from .conftest import backend_ready
 
@@ -58,7 +58,7 @@ def test_incompatible_method_is_refused_before_any_change(tiny_dir):
 
 
 def test_unknown_adapter_method(tiny_dir):
-    from qadapt import toy
+    from qadapt.testing import toy
 
     with pytest.raises(qadapt.InvalidOptionError, match="Choose one of lora, dora, vera, adalora, ia3"):
         qadapt.attach(toy.build_model(), "loha")

@@ -1,26 +1,23 @@
-"""Every cell each backend declares is performed and checked (qadapt.conformance), for each option set the matrix
+"""Every cell each backend declares is performed and checked (qadapt.testing.conformance), for each option set the matrix
 shows. A declared "yes" must work and be measured; a declared "no" must raise qadapt's error before any change."""
 
 from __future__ import annotations
 
 import pytest
 
+import qadapt
 from qadapt.capabilities import METHODS, OPERATIONS
-from qadapt.conformance import check_backend
-from qadapt.matrix import VARIANTS
+from qadapt.testing import check_backend
 
-from .conftest import backend_ready
+from .conftest import backend_ready, builtin_backends
 
+#: every option set each built-in backend's matrix shows, except those verified only on a GPU (the GPU suite runs
+#: them: tests/gpu_checks.sh) and backends that need calibration (their own test files run the kit with it)
 CASES = [
-    ("bnb", {"bits": 4}),
-    ("bnb", {"bits": 4, "quant_type": "fp4", "double_quant": False}),
-    ("bnb", {"bits": 8}),
-    ("hqq", {"bits": 4, "group_size": 64}),
-    ("torchao", {"scheme": "int8_weight_only"}),
-    ("inc", {"algorithm": "rtn", "bits": 4}),
-    ("eetq", {}),
-    ("aqlm", {"num_codebooks": 2, "nbits_per_codebook": 8}),
-    ("aqlm", {"num_codebooks": 1, "nbits_per_codebook": 16}),
+    (name, dict(options))
+    for name, backend in qadapt.backends().items()
+    if name in builtin_backends() and not backend.requires_calibration
+    for options in backend.matrix_variants
 ]
 
 
@@ -35,11 +32,9 @@ def test_declared_capabilities_hold(backend, options, method):
 
 
 def test_every_cell_is_declared_with_a_reason():
-    import qadapt
-
     for name, backend in qadapt.backends().items():
-        for options in VARIANTS.get(name, [{}]):
-            table = backend.capabilities(backend.validate_options(options))
+        for options in backend.matrix_variants:
+            table = backend.capabilities(backend.validate_options(dict(options)))
             assert set(table) == {(m, o) for m in METHODS for o in OPERATIONS}, name
             for cell, support in table.items():
                 assert support.reason, f"{name} {cell} has no reason"
@@ -49,8 +44,6 @@ def test_every_cell_is_declared_with_a_reason():
 
 def test_torchao_int4_refuses_training_before_any_work():
     backend_ready("torchao")
-    import qadapt
-
     backend = qadapt.get_backend("torchao")
     support = backend.peft_compatible("lora", backend.validate_options({"scheme": "int4_weight_only"}))
     assert not support and "int8" in support.reason

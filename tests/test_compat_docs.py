@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qadapt import compat_docs
+from tools import compat_docs
 from qadapt.capabilities import METHODS, OPERATIONS
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qadapt.demo import run
+from qadapt.cli.demo import demo as run
 
 from .conftest import backend_ready
 

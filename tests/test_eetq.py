@@ -12,8 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qadapt import toy  # noqa: E402
+from qadapt.testing import toy  # noqa: E402
 from qadapt.errors import BackendUnavailableError  # noqa: E402
+from qadapt_plugins import _eetq_layers as layers  # noqa: E402
 from qadapt_plugins import eetq  # noqa: E402
 
 from .conftest import train_steps  # noqa: E402
@@ -64,20 +65,20 @@ def literal_preprocess(q: np.ndarray) -> np.ndarray:
 def test_layout_matches_literal_port_of_eetq_cpp(shape):
     generator = torch.Generator().manual_seed(sum(shape))
     q = torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
-    stored = eetq.preprocess_int8(q)
+    stored = layers.preprocess_int8(q)
     assert np.array_equal(stored.numpy(), literal_preprocess(q.numpy()))
-    assert torch.equal(eetq.unpreprocess_int8(stored), q)
+    assert torch.equal(layers.unpreprocess_int8(stored), q)
     assert not torch.equal(stored, q)
 
 
 def test_shapes_that_are_not_multiples_of_64_are_refused():
     with pytest.raises(ValueError, match="multiples of 64"):
-        eetq.preprocess_int8(torch.zeros(96, 64, dtype=torch.int8))
+        layers.preprocess_int8(torch.zeros(96, 64, dtype=torch.int8))
 
 
 def test_symmetric_quantize_rule():
     weight = torch.tensor([[1.0, -0.5, 0.25, 0.0] * 16, [0.0] * 64, [-2.0, 1.0, 0.0078125, 0.5] * 16])
-    q, scale = eetq.symmetric_quantize(weight)
+    q, scale = layers.symmetric_quantize(weight)
     assert q.shape == (64, 3) and scale.dtype == torch.float16
     assert torch.equal(scale, torch.tensor([1 / 128, 0.0, 2 / 128], dtype=torch.float16))
     assert q[:4, 0].tolist() == [127, -64, 32, 0]  # 128 clamps to 127; round half away from zero
@@ -129,7 +130,7 @@ def test_quantize_dequantize_requantize_save_load(tmp_path):
     assert layer.weight.shape == (original.shape[1], original.shape[0])  # EETQ stores (in, out)
 
     weight = BACKEND.dequantize(layer)
-    q, scale = eetq.symmetric_quantize(original)
+    q, scale = layers.symmetric_quantize(original)
     assert torch.equal(weight, (q.t().to(torch.float16) * scale.view(-1, 1)).float())
     assert ((weight - original).abs() <= original.abs().amax(1, keepdim=True) / 128 * 0.51 + 1e-3).all()
     x = torch.randn(3, layer.in_features)
@@ -175,7 +176,7 @@ def test_torch_route_recomputes_the_weight_in_the_backward_instead_of_keeping_it
     """Autograd would keep each layer's de-quantized weight until the backward (more memory than an unquantized
     model, as the H100 benchmark measured); the torch route de-quantizes it again there, with the same gradient."""
     weight = torch.randn(128, 192)
-    layer = eetq.layer_class().from_weight(weight)
+    layer = layers.EetqTorchLinear.from_weight(weight)
     x = torch.randn(3, 192, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
@@ -204,12 +205,12 @@ def test_layout_matches_eetq_library():
     if eetq.library_problem() is not None:
         pytest.skip(eetq.library_problem())
     weight = torch.randn(256, 128, dtype=torch.float16)
-    stored, scales = eetq._eetq_quant_weights(weight)
-    q, my_scales = eetq.symmetric_quantize(weight)
+    stored, scales = layers._eetq_quant_weights(weight)
+    q, my_scales = layers.symmetric_quantize(weight)
     assert torch.equal(scales, my_scales)
-    assert torch.equal(eetq.unpreprocess_int8(stored), q)
-    assert torch.equal(eetq.preprocess_int8(q), stored)
-    layer = eetq.layer_class().from_weight(weight.float().cuda(), kernel="eetq")
+    assert torch.equal(layers.unpreprocess_int8(stored), q)
+    assert torch.equal(layers.preprocess_int8(q), stored)
+    layer = layers.EetqTorchLinear.from_weight(weight.float().cuda(), kernel="eetq")
     x = torch.randn(4, 128, dtype=torch.float16, device="cuda")
     expected = x.float() @ layer.dequantize().float().t()
     assert torch.allclose(layer(x).float(), expected, atol=2e-2, rtol=2e-2)

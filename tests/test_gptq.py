@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("gptqmodel", reason="GPTQ backend needs `pip install 'qadapt[gptq]'`")
 
 import qadapt  # noqa: E402
-from qadapt import toy  # noqa: E402
+from qadapt.testing import toy  # noqa: E402
 from qadapt.errors import InvalidOptionError  # noqa: E402
 from qadapt_plugins import _gptqmodel_common as common  # noqa: E402
 from qadapt_plugins.gptq import GPTQBackend  # noqa: E402
@@ -176,7 +176,7 @@ def test_capability_table_is_as_declared(backend):
 
 
 def test_conformance_every_declared_cell(batches):
-    from qadapt.conformance import check_backend
+    from qadapt.testing.conformance import check_backend
 
     results = check_backend("gptq", {"bits": 4, "group_size": 64}, calibration=batches)
     failed = [str(r) for r in results if not r.ok]

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("neural_compressor.torch.quantization", reason="neural-compressor-pt is not installed")
 torch = pytest.importorskip("torch")
 
-from qadapt import toy  # noqa: E402
+from qadapt.testing import toy  # noqa: E402
 from qadapt.errors import InvalidOptionError  # noqa: E402
 from qadapt_plugins import inc  # noqa: E402
 

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import qadapt  # noqa: E402
-from qadapt import toy  # noqa: E402
+from qadapt.testing import toy  # noqa: E402
 from qadapt.plugins import get_backend  # noqa: E402
 
 from .conftest import backend_ready  # noqa: E402
@@ -69,7 +69,7 @@ def test_requantize_never_worse_than_fresh(backend, options):
 @pytest.mark.parametrize("backend,options", [CASES[3], CASES[4]])
 def test_requantize_with_inputs_lowers_output_error(backend, options):
     """Given a layer's input statistics, the chosen layer's output error is <= fresh quantization's on them."""
-    from qadapt_plugins._requant import output_error
+    from qadapt.merging.requant import output_error
 
     model = _quantized(backend, options)
     quant = get_backend(backend)
@@ -170,7 +170,7 @@ def test_default_merge_keeps_the_policy_with_the_lowest_output_error(backend, op
 
 
 def test_policy_is_refused_where_the_backend_has_no_choice(tiny_dir):
-    from qadapt import toy
+    from qadapt.testing import toy
 
     model = qadapt.attach(toy.build_model(), "lora")
     with pytest.raises(qadapt.InvalidOptionError, match="no re-quantization policy"):

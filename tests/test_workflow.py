@@ -95,7 +95,7 @@ def test_dequantized_merge_ships_a_plain_transformers_model(tiny_dir, batches, t
 
 def test_in_memory_models_are_quantized_without_touching_the_original(batches):
     backend_ready("bnb")
-    from qadapt import toy
+    from qadapt.testing import toy
 
     original = toy.build_model()
     weights = {k: v.clone() for k, v in original.state_dict().items()}
@@ -108,7 +108,7 @@ def test_a_folder_loads_in_the_dtype_it_was_saved_in(backend, tmp_path, tokenize
     """As transformers' dtype="auto": the layers a backend leaves unquantized (embeddings, norms, head) keep the
     checkpoint's dtype instead of being widened to float32."""
     backend_ready(backend)
-    from qadapt import toy
+    from qadapt.testing import toy
 
     folder = toy.save_model(toy.build_model(dtype=torch.bfloat16), tmp_path / "bf16", tokenizer)
     model = qadapt.load(folder, backend=backend, **({"bits": 8} if backend == "bnb" else {}))
@@ -121,7 +121,7 @@ def test_adalora_rank_count_stays_frozen_and_the_saved_adapter_reloads_exactly(t
     base; trained, it drifts, and is not saved, so the reload differed (seen on an H100). qadapt keeps it frozen."""
     from transformers import AutoModelForCausalLM
 
-    from qadapt import toy
+    from qadapt.testing import toy
 
     folder = toy.save_model(toy.build_model(dtype=torch.bfloat16), tmp_path / "bf16", tokenizer)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)

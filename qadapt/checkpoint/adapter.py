@@ -1,0 +1,71 @@
+"""Loading a saved adapter onto a base, checking that the base is quantized like the one it was trained on."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+from ..errors import CheckpointError, IncompatibleError, QadaptError
+from ..plugins import backend_of, get_backend
+from ..record import get_record
+from .manifest import PROVENANCE
+
+
+def load_adapter(model, adapter_dir: str, *, strict: bool = True, is_trainable: bool = False):
+    import peft
+
+    from .. import adapters
+
+    record = get_record(model)
+    provenance_path = os.path.join(adapter_dir, PROVENANCE)
+    if not os.path.exists(provenance_path):
+        raise CheckpointError(f"load adapter {adapter_dir!r}", f"{PROVENANCE} is missing", "Point at an adapter saved by qadapt.save")
+    with open(provenance_path) as handle:
+        provenance = json.load(handle)
+    differences = _differences(provenance, record)
+    if differences:
+        message = "the adapter was trained on a base quantized differently: " + "; ".join(differences)
+        if strict:
+            raise IncompatibleError(f"load adapter {adapter_dir!r}", message,
+                                    "Load it onto a base quantized like its own, or pass strict=False to load it anyway")
+        warnings.warn(message, stacklevel=3)
+    elif provenance.get("library_version") != record.library_version and record.backend is not None:
+        warnings.warn(f"adapter trained with {record.backend} {provenance.get('library_version')}, base has "
+                      f"{record.library_version}", stacklevel=3)
+    backend = backend_of(record)
+    config = peft.PeftConfig.from_pretrained(adapter_dir)
+    adapters.register_custom_layers(config, backend)
+    if provenance["method"] in backend.proxy_methods:
+        from ..proxy import wrap
+
+        wrap(model, adapters.proxy_targets(model, config.target_modules), backend)
+    try:
+        with adapters.fast_dispatch(backend):
+            peft_model = peft.PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+    except Exception as exc:
+        raise CheckpointError(f"load adapter {adapter_dir!r}", f"PEFT could not load it ({type(exc).__name__}: {exc})",
+                              "Save the adapter again") from exc
+    adapters.freeze_constants(peft_model)
+    record.method = provenance["method"]
+    return peft_model
+
+
+def _differences(provenance: dict, record) -> list[str]:
+    found = []
+    if provenance.get("backend") != record.backend:
+        found.append(f"backend {provenance.get('backend')!r} (adapter) vs {record.backend!r} (base)")
+    saved, current = provenance.get("options") or {}, record.options or {}
+    runtime = _runtime_options(record.backend) if provenance.get("backend") == record.backend else set()
+    for key in sorted((set(saved) | set(current)) - runtime):
+        if saved.get(key) != current.get(key):
+            found.append(f"{key}={saved.get(key)!r} (adapter) vs {current.get(key)!r} (base)")
+    return found
+
+
+def _runtime_options(backend_name) -> set[str]:
+    """Names of the options that choose how weights run (kernel, compute dtype), which an adapter does not depend on."""
+    try:
+        return {option.name for option in get_backend(backend_name).options if option.runtime}
+    except QadaptError:  # the backend is not installed here: compare every option
+        return set()

@@ -1,0 +1,52 @@
+"""``qadapt backends``: every registered backend with its plugin, library version and whether it can run here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(commands) -> None:
+    listing = commands.add_parser("backends", help="list backends: plugin, version, status")
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--no-check", action="store_true", help="do not import backend libraries to check them")
+
+
+def backend_rows(check: bool = True) -> list[dict]:
+    """One row per registered backend (and per plugin that failed to load), as ``qadapt backends --json`` prints."""
+    from ..plugins import failures, registrations
+
+    rows = []
+    for name, registration in registrations().items():
+        backend = registration.backend
+        row = {
+            "name": name,
+            "plugin": registration.plugin,
+            "plugin_version": registration.plugin_version,
+            "summary": backend.summary,
+            "library": backend.distribution or None,
+            "library_version": backend.library_version(),
+            "options": {o.name: {"default": o.default, "choices": list(o.choices) if o.choices else None, "help": o.help}
+                        for o in backend.options},
+        }
+        if check:
+            env = backend.check_environment()
+            row.update(status=env.status, reason=env.reason, hint=env.hint)
+        rows.append(row)
+    for failure in failures():
+        rows.append({"name": failure.plugin, "plugin": failure.plugin, "status": "failed",
+                     "reason": f"plugin failed to {failure.stage}: {failure.error}", "hint": "run `qadapt doctor`"})
+    return rows
+
+
+def run(args) -> int:
+    rows = backend_rows(check=not args.no_check)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(f"{'backend':<10} {'status':<12} {'library':<24} reason")
+    for row in rows:
+        library = f"{row.get('library') or '-'} {row.get('library_version') or ''}".strip()
+        print(f"{row['name']:<10} {row.get('status', '?'):<12} {library:<24} {row.get('reason', '')}")
+    return 0

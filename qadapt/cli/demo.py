@@ -1,0 +1,119 @@
+"""``qadapt demo``: for every backend that can run here, on a tiny Llama built offline:
+load -> attach LoRA -> a few training steps -> merge (or its refusal) -> save -> reload, as one table."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+from ..memory import storage_bytes
+
+
+def add_parser(commands) -> None:
+    demo = commands.add_parser("demo", help="tiny offline run of every available backend: load, train, merge, save, "
+                               "reload")
+    demo.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    demo.add_argument("--steps", type=int, default=8)
+
+
+def run(args) -> int:
+    return demo(args.backend, steps=args.steps)
+
+
+def demo(only=None, steps: int = 8) -> int:
+    import torch
+
+    import qadapt
+    from qadapt.plugins import registrations
+    from qadapt.testing import toy
+
+    torch.manual_seed(0)
+    print("qadapt demo: building a tiny Llama and a tokenizer offline ...", flush=True)
+    tokenizer = toy.build_tokenizer()
+    batches = toy.token_batches(tokenizer, batch_size=4, seq_len=64, count=steps + 1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qadapt-demo-") as tmp:
+        base_dir = toy.save_model(toy.build_model(), os.path.join(tmp, "tiny-llama"), tokenizer)
+        names = [n for n in registrations() if not only or n in only]
+        for name in names:
+            backend = qadapt.get_backend(name)
+            env = backend.check_environment()
+            if not env.ok:
+                rows.append({"backend": name, "status": f"unavailable: {env.reason}"})
+                print(f"[{name}] skipped: {env.reason}", flush=True)
+                continue
+            options = dict(backend.demo_options)
+            print(f"[{name}] quantizing ...", flush=True)
+            started = time.perf_counter()
+            try:
+                rows.append(_one(name, options, base_dir, batches, tmp, tokenizer, steps))
+            except qadapt.QadaptError as exc:
+                rows.append({"backend": name, "status": f"refused: {exc}"})
+            except Exception as exc:  # show it in the table; the other backends still run
+                rows.append({"backend": name, "status": f"FAILED: {type(exc).__name__}: {exc}"[:160]})
+            rows[-1]["seconds"] = time.perf_counter() - started
+            print(f"[{name}] {rows[-1]['status']} ({rows[-1]['seconds']:.1f} s)", flush=True)
+    print()
+    print(_table(rows))
+    return 0 if all(not r["status"].startswith("FAILED") for r in rows) else 1
+
+
+def _one(name, options, base_dir, batches, tmp, tokenizer, steps):
+    import torch
+
+    import qadapt
+
+    backend = qadapt.get_backend(name)
+    calibration = batches[:2] if backend.needs_calibration(backend.validate_options(options)) else None
+    model = qadapt.load(base_dir, backend=name, calibration=calibration, **options)
+    memory = storage_bytes(model)
+    model = qadapt.attach(model, "lora", r=8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    held_out = batches[-1]
+    model.eval()
+    with torch.no_grad():
+        loss_before = model(input_ids=held_out, labels=held_out).loss.item()
+    model.train()
+    for step in range(steps):
+        loss = model(input_ids=batches[step], labels=batches[step]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        print(f"[{name}] step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+    model.eval()
+    with torch.no_grad():
+        loss_after = model(input_ids=held_out, labels=held_out).loss.item()
+        before_merge = model(input_ids=held_out).logits
+    merge = "-"
+    try:
+        report = qadapt.merge(model, calibration=held_out[:2])
+        merge = f"{report.output_error:.2e}"
+        qadapt.unmerge(model)
+    except qadapt.QadaptError as exc:
+        merge = f"refused ({exc.reason[:40]})"
+    path = os.path.join(tmp, f"{name}-out")
+    qadapt.save(model, path)
+    reloaded = qadapt.load(path)
+    reloaded.eval()
+    with torch.no_grad():
+        reload_error = (reloaded(input_ids=held_out).logits - before_merge).abs().max().item()
+    return {"backend": name, "status": "ok", "loss_before": loss_before, "loss_after": loss_after,
+            "weight_mb": memory / 2**20, "merge_error": merge, "reload_max_diff": reload_error}
+
+
+def _table(rows) -> str:
+    header = f"{'backend':<9} {'loss before':>11} {'loss after':>10} {'weights MB':>10} {'merge error':>14} {'reload diff':>11} {'s':>5}  status"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if r["status"] == "ok":
+            lines.append(f"{r['backend']:<9} {r['loss_before']:>11.3f} {r['loss_after']:>10.3f} {r['weight_mb']:>10.2f} "
+                         f"{r['merge_error']:>14} {r['reload_max_diff']:>11.1e} {r.get('seconds', 0):>5.1f}  ok")
+        else:
+            lines.append(f"{r['backend']:<9} {'':>11} {'':>10} {'':>10} {'':>14} {'':>11} {r.get('seconds', 0):>5.1f}  {r['status']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(demo())

@@ -1,0 +1,290 @@
+"""The conformance kit: drive every cell a backend declares and check that reality agrees.
+
+For plugin authors and maintainers::
+
+    from qadapt.testing import check_backend
+    results = check_backend("mybackend", {"bits": 4})
+    assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
+
+or ``qadapt matrix --verify --backend mybackend``. Each declared ``yes`` is performed and measured; each ``no`` must
+raise qadapt's error before any weight changes. Checks, per method:
+
+* ``train``: attach, two optimizer steps; the loss is finite, adapter weights change, no base weight changes.
+* ``merge`` (requantize): the merged model's output error against the unquantized merge (the unmerged adapter model)
+  is below 0.8 x that of the base model without the adapter: the merge keeps a real part of what the adapter does
+  (how much is the backend's rounding; the merge report gives the figure, and ``max_error=`` refuses).
+* ``merge_dequantized``: the merged model matches the unquantized merge to float precision (relative error < 1e-4,
+  or the backend's declared ``forward_tolerance`` where its forward rounds activations too, as LLM.int8 does).
+* ``unmerge``: after either merge, the outputs are bit-for-bit those of before the merge.
+* ``save``: save, reload, same outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from ..capabilities import METHODS, OPERATIONS
+from ..errors import BackendUnavailableError, QadaptError
+from . import toy
+
+
+@dataclass
+class CellResult:
+    backend: str
+    method: str
+    operation: str
+    declared: bool
+    outcome: str  # "passed", "refused as declared", "failed...", "skipped", "unavailable"
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("passed", "refused as declared", "skipped", "unavailable")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.backend} {self.method} {self.operation}: {self.outcome} {self.detail}".rstrip()
+
+
+#: adapter options that start training from a non-zero adapter, so that a merge has something to keep
+STRONG_INIT = {
+    "lora": {"init_lora_weights": False},
+    "dora": {"init_lora_weights": False},
+    "vera": {"init_weights": False},
+    "adalora": {"init_lora_weights": False, "total_step": 4},
+    "ia3": {"init_ia3_weights": False},
+}
+
+
+def check_backend(
+    backend: str,
+    options: dict[str, Any] | None = None,
+    *,
+    methods=METHODS,
+    model_factory: Callable | None = None,
+    calibration=None,
+    seed: int = 0,
+) -> list[CellResult]:
+    """Check every declared cell of ``backend`` (with ``options``) for ``methods``. Never raises for a cell.
+
+    :param model_factory: builds the full-precision model (or returns a folder) to quantize; default: the toy Llama.
+    :param calibration: token-id batches for backends that need them.
+    """
+    import torch
+
+    from ..plugins import get_backend
+
+    options = options or {}
+    quant = get_backend(backend)
+    resolved = quant.validate_options(options)
+    table = quant.capabilities(resolved)
+    results: list[CellResult] = []
+    generator = torch.Generator().manual_seed(seed)
+    for method in methods:
+        cells = _Cells(backend, method, table, results)
+        _check_method(cells, quant, resolved, options, model_factory or toy.build_model, calibration, generator)
+    return results
+
+
+class _Cells:
+    """Records the outcome of one method's cells."""
+
+    def __init__(self, backend, method, table, results):
+        self.backend, self.method, self.table, self.results = backend, method, table, results
+
+    def declared(self, operation) -> bool:
+        return bool(self.table[(self.method, operation)])
+
+    def record(self, operation, outcome, detail=""):
+        self.results.append(CellResult(self.backend, self.method, operation, self.declared(operation), outcome, detail))
+
+    def record_rest(self, operations, outcome, detail):
+        for operation in operations:
+            self.record(operation, outcome, detail)
+
+
+def _check_method(cells, quant, resolved, options, model_factory, calibration, generator) -> None:
+    from .. import api
+
+    method = cells.method
+    try:
+        quantized = api.load(model_factory(), quant.name, calibration=calibration, **options)
+    except BackendUnavailableError as exc:  # e.g. an option set that needs a GPU, on a CPU machine
+        return cells.record_rest(OPERATIONS, "unavailable", str(exc))
+    except Exception as exc:  # quantization itself failed: every cell of this method fails
+        return cells.record_rest(OPERATIONS, "failed", f"quantize: {type(exc).__name__}: {exc}")
+    batch = _random_batch(quantized, generator)
+    later = [op for op in OPERATIONS if op != "train"]
+    if not cells.declared("train"):
+        before = _snapshot(quantized)
+        outcome = _expect_refusal(lambda: api.attach(quantized, method, **STRONG_INIT[method]))
+        if outcome == "refused as declared" and not _same(before, _snapshot(quantized)):
+            outcome = "failed"
+        cells.record("train", outcome, "" if outcome != "failed" else "no QadaptError, or weights changed")
+        return cells.record_rest(later, "skipped", "training is refused")
+    try:
+        model = api.attach(quantized, method, **STRONG_INIT[method])
+        _train_check(model, batch)
+        cells.record("train", "passed")
+    except Exception as exc:
+        cells.record("train", "failed", _describe(exc))
+        return cells.record_rest(later, "skipped", "training failed")
+    model.eval()
+    reference = _outputs(model, batch)
+    _check_merges(cells, model, batch, reference, quant.forward_tolerance(resolved))
+    _check_save(cells, model, batch, reference)
+
+
+def _random_batch(model, generator):
+    import torch
+
+    device = next(model.parameters()).device
+    return torch.randint(0, model.config.vocab_size, (2, 24), generator=generator).to(device)
+
+
+def _outputs(model, batch):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=batch).logits
+
+
+def _check_merges(cells, model, batch, reference, tolerance) -> None:
+    """Both merge strategies (or their refusals), then unmerge after each merge that succeeded."""
+    import torch
+
+    from .. import api
+
+    with model.disable_adapter():
+        adapter_effect = _rel(_outputs(model, batch), reference)
+    unmerge_ok = []
+    for strategy, operation in (("requantize", "merge"), ("dequantize", "merge_dequantized")):
+        if not cells.declared(operation):
+            before = _snapshot(model)
+            outcome = _expect_refusal(lambda: api.merge(model, strategy, calibration=batch))
+            if outcome == "refused as declared" and not _same(before, _snapshot(model)):
+                outcome = "failed"
+            cells.record(operation, outcome)
+            continue
+        try:
+            report = api.merge(model, strategy, calibration=batch)
+            error = _rel(_outputs(model, batch), reference)
+            if strategy == "dequantize":
+                good, bound = error < tolerance, f"< {tolerance:g}"
+            else:
+                bound = f"< 0.8 x the adapter's own effect ({adapter_effect:.3g})"
+                good = error < 0.8 * adapter_effect
+            detail = f"output error {error:.3g} {bound}; report says {report.output_error:.3g}"
+            cells.record(operation, "passed" if good and abs(report.output_error - error) < 1e-3 else "failed", detail)
+            api.unmerge(model)
+            unmerge_ok.append(torch.equal(_outputs(model, batch), reference))
+        except Exception as exc:
+            cells.record(operation, "failed", _describe(exc))
+            return_to_unmerged(model)
+    if not cells.declared("unmerge"):
+        cells.record("unmerge", "skipped", "no merge is declared")
+    elif unmerge_ok and all(unmerge_ok):
+        cells.record("unmerge", "passed", f"exact after {len(unmerge_ok)} merge(s)")
+    else:
+        cells.record("unmerge", "failed", "outputs differ after unmerge" if unmerge_ok else "no merge succeeded")
+
+
+def _check_save(cells, model, batch, reference) -> None:
+    from .. import api
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "saved")
+        if not cells.declared("save"):
+            return cells.record("save", _expect_refusal(lambda: api.save(model, path)))
+        try:
+            api.save(model, path)
+            reloaded = api.load(path)
+            reloaded.eval()
+            error = _rel(_outputs(reloaded, batch), reference)
+            cells.record("save", "passed" if error < 1e-5 else "failed", f"reload output error {error:.3g}")
+        except Exception as exc:
+            cells.record("save", "failed", _describe(exc))
+
+
+def return_to_unmerged(model) -> None:
+    from ..record import get_record
+
+    if get_record(model).merge is not None:
+        from .. import api
+
+        api.unmerge(model)
+
+
+def _train_check(model, batch) -> None:
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise AssertionError("no trainable parameters after attach")
+    before = _snapshot(model)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    model.train()
+    for _ in range(2):
+        loss = model(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            raise AssertionError(f"loss is {loss.item()}")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = _snapshot(model)
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    if not changed & names:
+        raise AssertionError("no adapter weight changed")
+    frozen_changed = changed - names
+    if frozen_changed:
+        raise AssertionError(f"base weights changed: {sorted(frozen_changed)[:3]}")
+
+
+def _snapshot(model) -> dict:
+    import torch
+
+    snapshot = {}
+    for name, param in model.named_parameters():
+        data = param.detach()
+        if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+            # a tensor subclass (torchao): its inner tensors, as stored (some layouts cannot de-quantize)
+            for inner in data.__tensor_flatten__()[0]:
+                snapshot[f"{name}:{inner}"] = getattr(data, inner).detach().clone()
+            continue
+        if type(data) is not torch.Tensor and hasattr(data, "dequantize"):
+            data = data.dequantize()
+        snapshot[name] = data.clone()
+    return snapshot
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _expect_refusal(action) -> str:
+    try:
+        action()
+    except QadaptError:
+        return "refused as declared"
+    except Exception as exc:
+        return f"failed: raised {type(exc).__name__} instead of a QadaptError"
+    return "failed: declared unsupported, but it worked"
+
+
+def _rel(actual, expected) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+
+
+def _describe(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {os.path.basename(last.filename)}:{last.lineno}" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"[:400]

@@ -1,0 +1,118 @@
+"""The capability matrix of every registered backend: the declared table, and its verification on this machine."""
+
+from __future__ import annotations
+
+from ..capabilities import METHODS, OPERATIONS
+from ..errors import QadaptError
+
+
+def variants(backend) -> list[dict]:
+    """The option sets of ``backend`` the matrix covers: its ``matrix_variants``, then its ``gpu_variants``."""
+    return [dict(v) for v in backend.matrix_variants] + [dict(v) for v in backend.gpu_variants]
+
+
+def declared_rows(names=None) -> list[dict]:
+    """Every declared cell of every registered backend (or those in ``names``) and option set, with its reason."""
+    from ..plugins import registrations
+
+    rows = []
+    for name, registration in registrations().items():
+        if names and name not in names:
+            continue
+        backend = registration.backend
+        for options in variants(backend):
+            try:
+                resolved = backend.validate_options(options)
+            except QadaptError:
+                if options in [dict(v) for v in backend.gpu_variants]:
+                    continue  # e.g. a GPU-only kernel on a CPU machine: declared only where it can be chosen
+                raise
+            table = backend.capabilities(resolved)
+            for method in METHODS:
+                for operation in OPERATIONS:
+                    cell = table[(method, operation)]
+                    rows.append({"backend": name, "options": options, "method": method, "operation": operation,
+                                 "supported": cell.supported, "reason": cell.reason, "hint": cell.hint})
+    return rows
+
+
+def verify(names=None) -> dict:
+    """Run :func:`qadapt.testing.conformance.check_backend` for every backend that can run here.
+
+    The record holds what ``docs/compatibility.md`` is rendered from (``python tools/compat_docs.py``): the machine,
+    the versions, each backend's environment check, the declared table (with reasons) and every cell's outcome.
+    """
+    import datetime
+    import importlib.metadata
+    import os
+    import platform
+    import time
+
+    import torch
+
+    from ..plugins import registrations
+    from .conformance import check_backend
+
+    cuda = torch.cuda.is_available()
+    started = time.monotonic()
+    versions = {}
+    for package in ("torch", "transformers", "peft"):
+        versions[package] = importlib.metadata.version(package)
+    results = []
+    environments = {}
+    for name, registration in registrations().items():
+        if names and name not in names:
+            continue
+        backend = registration.backend
+        versions[backend.distribution or name] = backend.library_version()
+        env = backend.check_environment()
+        environments[name] = {"ok": env.ok, "version": env.version, "reason": env.reason, "hint": env.hint}
+        for options in variants(backend):
+            if not env.ok:
+                results.append({"backend": name, "options": options, "outcome": "unavailable", "detail": env.reason})
+                continue
+            if options in [dict(v) for v in backend.gpu_variants] and not cuda:
+                results.append({"backend": name, "options": options, "outcome": "unavailable",
+                                "detail": "verified only on a CUDA GPU"})
+                continue
+            try:
+                calibration = None
+                if backend.needs_calibration(backend.validate_options(options)):
+                    calibration = _calibration()
+                cells = check_backend(name, options, calibration=calibration)
+                source = {}
+                checkpoint = backend.verification_checkpoint
+                if (checkpoint and os.path.isdir(checkpoint) and cells
+                        and all(cell.outcome == "unavailable" for cell in cells)):
+                    # quantizing cannot run here, but adapters on a checkpoint made elsewhere can be checked
+                    source = {"source": f"the stored checkpoint {_shown(checkpoint)} (quantizing is unavailable "
+                                        f"here: {cells[0].detail})"}
+                    cells = check_backend(name, options, model_factory=lambda: checkpoint)
+            except Exception as exc:
+                results.append({"backend": name, "options": options, "outcome": "failed", "detail": f"{type(exc).__name__}: {exc}"})
+                continue
+            for cell in cells:
+                results.append({**cell.to_dict(), "options": options, **source})
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - started, 1),
+            "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
+                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "versions": versions, "environments": environments, "declared": declared_rows(names),
+            "results": results}
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory where it lies under it (records stay the same on every machine)."""
+    import os
+
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _calibration():
+    """Calibration batches for backends that need them: the test suite's, cut from local text (no downloads)."""
+    from . import toy
+
+    return toy.token_batches(toy.build_tokenizer(), batch_size=2, seq_len=32, count=4)

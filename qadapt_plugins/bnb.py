@@ -1,0 +1,376 @@
+"""bitsandbytes: 4-bit (NF4/FP4, optional double quantization) and 8-bit (LLM.int8) weights.
+
+Quantizes through transformers' ``BitsAndBytesConfig`` (the path users know); saves and reloads with transformers'
+own bitsandbytes serialization (safetensors). bitsandbytes >= 0.45 runs both formats on CPU.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from qadapt.backend import Option, QuantBackend
+from qadapt.capabilities import declare, no, yes
+from qadapt.hookspecs import hookimpl
+from qadapt.merging.requant import POLICIES
+
+DTYPES = ("float32", "bfloat16", "float16")
+#: bitsandbytes de-quantizes LLM.int8 rows as ``code * SCB * float32(1/127)`` (``int8_vectorwise_dequant``)
+INT8_STEP = struct.unpack("f", struct.pack("f", 1 / 127))[0]
+
+
+class BitsAndBytesBackend(QuantBackend):
+    name = "bnb"
+    summary = "bitsandbytes 4-bit NF4/FP4 (double quant) and 8-bit LLM.int8 weights"
+    requires = ("bitsandbytes",)
+    distribution = "bitsandbytes"
+    install_hint = "pip install 'qadapt[bnb]'"
+    requantize_policies = POLICIES
+    requantize_uses_inputs = True
+    peft_dispatchers = ("dispatch_bnb_8bit", "dispatch_bnb_4bit")
+    matrix_variants = ({"bits": 4}, {"bits": 4, "quant_type": "fp4", "double_quant": False}, {"bits": 8})
+    demo_options = {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    options = (
+        Option("bits", 4, "4-bit (NF4/FP4) or 8-bit (LLM.int8) weights", choices=(4, 8)),
+        Option("quant_type", "nf4", "4-bit data type", choices=("nf4", "fp4")),
+        Option("double_quant", True, "also quantize the 4-bit scales (saves ~0.37 bits/parameter)"),
+        Option("compute_dtype", "auto", "dtype of the 4-bit matmul ('auto': the model's dtype)",
+               choices=("auto",) + DTYPES, runtime=True),
+        Option("blocksize", 64, "4-bit quantization block size", choices=(64, 128, 256)),
+    )
+
+    def check_option_combination(self, options):
+        if options["bits"] == 8 and (options["quant_type"] != "nf4" or options["double_quant"] is not True):
+            # quant_type/double_quant only mean something for 4-bit: accept their defaults, refuse anything else.
+            from qadapt.errors import InvalidOptionError
+
+            raise InvalidOptionError(
+                f"backend 'bnb' with bits=8, quant_type={options['quant_type']!r}, double_quant={options['double_quant']}",
+                "quant_type and double_quant apply to 4-bit weights only",
+                "Drop them, or use bits=4",
+            )
+        return options
+
+    # ------------------------------------------------------------------ capabilities
+    def capabilities(self, options):
+        return declare(
+            train={
+                "lora": yes("PEFT's bitsandbytes LoRA layers"),
+                "dora": yes("PEFT's DoRA de-quantizes the weight for its norm")
+                if options["bits"] == 4
+                else no(
+                    "DoRA on 8-bit bitsandbytes fails in bitsandbytes' MatMul8bitLt backward (AttributeError on its "
+                    "weight state; seen with peft 0.21, bitsandbytes 0.50)",
+                    "Use bits=4 for DoRA, or method='lora' on 8-bit",
+                ),
+                "vera": yes("PEFT's bitsandbytes VeRA layers"),
+                "adalora": yes("PEFT's bitsandbytes AdaLoRA layers"),
+                "ia3": yes("PEFT's bitsandbytes IA3 layers"),
+            },
+            requantize=yes("bitsandbytes quantizes a merged weight on the fly (fresh absmax scales)"),
+            dequantize=yes("bitsandbytes de-quantizes 4-bit and 8-bit weights exactly"),
+            save=yes("transformers serializes bitsandbytes weights with safetensors"),
+        )
+
+    def forward_tolerance(self, options):
+        # LLM.int8's forward casts activations to float16 and rounds them to int8 too.
+        return 0.02 if options["bits"] == 8 else super().forward_tolerance(options)
+
+    # ------------------------------------------------------------------ heavy work
+    def _config(self, options, dtype):
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if options["bits"] == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=options["quant_type"],
+            bnb_4bit_use_double_quant=options["double_quant"],
+            bnb_4bit_compute_dtype=dtype if options["compute_dtype"] == "auto" else getattr(torch, options["compute_dtype"]),
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+
+    def quantize(self, model, options, calibration=None):
+        from qadapt.hf import as_pretrained_dir, model_dtype
+
+        dtype = model_dtype(model)
+        if options["blocksize"] != 64:
+            return self._quantize_blocksize(model, options)
+        with as_pretrained_dir(model) as path:
+            return self._from_pretrained(path, dtype, quantization_config=self._config(options, dtype))
+
+    def _quantize_blocksize(self, model, options):
+        # transformers' BitsAndBytesConfig has no block size: quantize its layers ourselves.
+        from qadapt.hf import as_pretrained_dir, model_dtype, replace_module
+
+        dtype = model_dtype(model)
+        with as_pretrained_dir(model) as path:
+            quantized = self._from_pretrained(path, dtype, quantization_config=self._config(options, dtype))
+            full = self._from_pretrained(path, dtype)
+        full_modules = dict(full.named_modules())
+        for name, module in list(quantized.named_modules()):
+            if isinstance(module, self.quantized_layer_types()):
+                weight = full_modules[name].weight.detach().float()
+                replace_module(quantized, name, self._requantize(module, weight, options["blocksize"]))
+        return quantized
+
+    def _from_pretrained(self, path, dtype, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        from qadapt.hf import default_device, quiet_transformers
+
+        quiet_transformers()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=default_device(), **kwargs)
+        _keep_cpu_layout(model)
+        return model
+
+    def load(self, path, options):
+        return self._from_pretrained(path, None)
+
+    def save(self, model, path, options):
+        model.save_pretrained(path, safe_serialization=True)
+
+    def quantized_layer_types(self):
+        import bitsandbytes as bnb
+
+        return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+    def dequantize(self, module):
+        import copy
+
+        import bitsandbytes as bnb
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        weight = module.weight
+        quant_state = getattr(weight, "quant_state", None)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place at the first inference forward;
+            # bnb.functional.dequantize_4bit would misread that layout. Undo the packing on a copy.
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(quant_state))
+            return bnb.functional.dequantize_4bit(data, state).float()
+        return dequantize_bnb_weight(weight, state=getattr(module, "state", None)).float()
+
+    def requantize(self, module, weight, policy="best", hessian=None):
+        """A new layer holding ``weight``; ``policy`` (see qadapt.merging.requant): ``"fresh"`` quantizes ``weight``
+        afresh as PEFT does; ``"grid"`` keeps the original scales (4-bit absmax blocks, 8-bit SCB rows) and rounds
+        ``weight`` onto them; ``"best"`` (default) also searches each block's / row's scale and keeps, per block or
+        row, whichever candidate (fresh included) is closest to ``weight``, so the result is never further from
+        ``weight`` than the fresh quantization.
+        ``hessian`` (optional, (in, in) = X^T X of the layer's inputs on calibration data): the candidates then also
+        include a GPTQ-style rounding onto the original grid, and the layer with the lowest OUTPUT error on those
+        inputs is kept (fresh, i.e. PEFT's result, among them)."""
+        from qadapt.merging.requant import by_policy
+
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+        fresh = self._requantize(module, weight, blocksize)
+        return by_policy(self, policy, weight, hessian, fresh,
+                         lambda chosen: self._requantize_on_grid(module, weight, fresh, chosen),
+                         lambda: self._requantize_gptq(module, weight, fresh, hessian))
+
+    def _requantize_gptq(self, module, weight, fresh, hessian):
+        """GPTQ-style rounding onto the layer's original grid (absmax blocks or SCB rows)."""
+        import bitsandbytes as bnb
+        import torch
+
+        from qadapt.merging.requant import affine_columns, codebook_columns, gptq_on_grid
+
+        out_features, in_features = weight.shape
+        old = module.weight
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = old.quant_state
+            if state is None or getattr(state, "packing_format_for_cpu", False) or weight.numel() % state.blocksize:
+                return None
+            absmax = _block_absmax(state, old.device).repeat_interleave(state.blocksize).view(out_features, in_features)
+            rounding = codebook_columns(absmax, state.code.float().to(old.device))
+        else:
+            scb = old.SCB if old.SCB is not None else getattr(module.state, "SCB", None)
+            if scb is None:
+                return None
+            step = (scb.float() * INT8_STEP).view(-1, 1).expand(out_features, in_features)
+            rounding = affine_columns(step, torch.zeros_like(step), -127, 127)
+        on_grid = gptq_on_grid(weight.float().to(old.device), hessian, rounding)
+        return self._requantize_on_grid(module, on_grid, fresh, "grid")
+
+    def _requantize_on_grid(self, module, weight, fresh, policy):
+        import bitsandbytes as bnb
+
+        if isinstance(module, bnb.nn.Linear4bit):
+            return self._requantize_4bit_on_grid(module, weight, fresh, policy)
+        return self._requantize_8bit_on_grid(module, weight, fresh, policy)
+
+    def _requantize_4bit_on_grid(self, module, weight, fresh, policy, window=8):
+        import copy
+
+        import bitsandbytes as bnb
+        import torch
+
+        from qadapt.hf import clone_module
+
+        from qadapt.merging.requant import blockwise_4bit
+
+        old = module.weight
+        state = old.quant_state
+        if state is None or getattr(state, "packing_format_for_cpu", False) or weight.numel() % state.blocksize:
+            return None  # layouts this arithmetic does not cover: the fresh quantization stands
+        device = old.device
+        target = weight.float().to(device).reshape(-1, state.blocksize)
+        code = state.code.float().to(device)
+        if state.nested:
+            table = state.state2.code.float().to(device)
+            nested = state.state2.absmax.float().to(device)
+            group = torch.arange(target.shape[0], device=device) // state.state2.blocksize
+            scale = nested[group].view(-1, 1)
+            offset = float(state.offset)
+            old_index = state.absmax.long().view(-1, 1)
+            if policy == "grid":
+                indices = old_index
+            else:  # the original absmax code, its neighbours, and the codes around the fresh absmax
+                fresh_value = (target.abs().amax(dim=1, keepdim=True) - offset) / scale
+                fresh_index = torch.bucketize(fresh_value.contiguous(), (table[1:] + table[:-1]) / 2)
+                steps = torch.arange(-window, window + 1, device=device).view(1, -1)
+                indices = torch.cat([old_index + steps, fresh_index + steps], dim=1).clamp(0, table.numel() - 1)
+            values = table[indices] * scale + offset
+        else:
+            old_absmax = state.absmax.float().to(device).view(-1, 1)
+            values = old_absmax
+            if policy != "grid":
+                q0 = code[unpack_4bit(old.data, weight.numel()).long()].view_as(target)
+                ls = (q0 * target).sum(dim=1, keepdim=True) / (q0 * q0).sum(dim=1, keepdim=True).clamp_min(1e-30)
+                ls = torch.where(ls > 0, ls * old_absmax, old_absmax)  # code * absmax: the LS factor rescales absmax
+                values = torch.cat([old_absmax, target.abs().amax(dim=1, keepdim=True), ls], dim=1)
+        codes, chosen, _ = blockwise_4bit(target, values, code)
+        new_state = copy.deepcopy(state)
+        if state.nested:
+            new_state.absmax = torch.gather(indices, 1, chosen.view(-1, 1)).view(-1).to(state.absmax.dtype)
+        else:
+            new_state.absmax = torch.gather(values, 1, chosen.view(-1, 1)).view(-1).to(state.absmax.dtype)
+        clone = clone_module(module)
+        clone.weight = bnb.nn.Params4bit(
+            pack_4bit(codes).to(old.dtype) if old.dtype == torch.uint8 else pack_4bit(codes).view(old.dtype),
+            requires_grad=False,
+            quant_state=new_state,
+            blocksize=state.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=clone,
+            bnb_quantized=True,
+        )
+        return clone
+
+    def _requantize_8bit_on_grid(self, module, weight, fresh, policy):
+        import bitsandbytes as bnb
+        import torch
+
+        from qadapt.hf import clone_module
+
+        from qadapt.merging.requant import best_rows, int8_rows
+
+        old = module.weight
+        scb = old.SCB if old.SCB is not None else getattr(module.state, "SCB", None)
+        if scb is None or old.data.dtype != torch.int8:
+            return None
+        device = old.device
+        target = weight.float().to(device)
+
+        def deq(codes, row_scale):  # bitsandbytes' int8_vectorwise_dequant
+            return codes.float() * row_scale.view(-1, 1) * INT8_STEP
+
+        candidates = int8_rows(target, scb.float(), -127, 127, deq)
+        if policy == "grid":
+            candidates = candidates[:1]
+        else:
+            fresh_scb = fresh.weight.SCB if fresh.weight.SCB is not None else fresh.state.SCB
+            candidates.append((fresh.weight.data.float(), fresh_scb.float()))
+        codes, row_scale, _, _ = best_rows(target, candidates, deq)
+        codes = codes.to(torch.int8).contiguous()
+        clone = clone_module(module)
+        clone.state = bnb.MatmulLtState()
+        clone.state.threshold = module.state.threshold
+        clone.state.has_fp16_weights = False
+        clone.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes,
+                                         SCB=row_scale.to(scb.dtype).contiguous())
+        return clone
+
+    def _requantize(self, module, weight, blocksize):
+        import bitsandbytes as bnb
+
+        from qadapt.hf import clone_module
+
+        device = module.weight.device
+        clone = clone_module(module)
+        if isinstance(module, bnb.nn.Linear4bit):
+            old = module.weight
+            clone.weight = bnb.nn.Params4bit(
+                weight.to("cpu", old.quant_state.dtype if old.quant_state else weight.dtype),
+                requires_grad=False,
+                blocksize=blocksize,
+                compress_statistics=old.compress_statistics,
+                quant_type=old.quant_type,
+                quant_storage=old.quant_storage,
+                module=clone,
+            ).to(device)
+        else:
+            clone.state = bnb.MatmulLtState()
+            clone.state.threshold = module.state.threshold
+            clone.state.has_fp16_weights = False
+            clone.weight = bnb.nn.Int8Params(weight.to("cpu", torch_dtype_of(module)), requires_grad=False,
+                                             has_fp16_weights=False).to(device)
+        return clone
+
+
+def _block_absmax(state, device):
+    """The de-quantized absmax of every 4-bit block, as bitsandbytes computes it (double quantization included)."""
+    import torch
+
+    if not state.nested:
+        return state.absmax.float().to(device)
+    nested = state.state2.absmax.float().to(device)
+    group = torch.arange(state.absmax.numel(), device=device) // state.state2.blocksize
+    return state.state2.code.float().to(device)[state.absmax.long()] * nested[group] + float(state.offset)
+
+
+def _keep_cpu_layout(model):
+    """Stop bitsandbytes from repacking 4-bit weights in place for its AVX512-BF16 CPU kernel.
+
+    It does so at the first inference forward, after which PEFT's DoRA (and any reader of the weight) de-quantizes
+    the repacked bytes as if they were the standard layout and gets garbage. Training never uses that kernel.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def torch_dtype_of(module):
+    import torch
+
+    bias = getattr(module, "bias", None)
+    return bias.dtype if bias is not None else torch.float16
+
+
+def pack_4bit(codes):
+    """bitsandbytes' packing: two codes a byte, the first in the high nibble; shape (n/2, 1) uint8."""
+    import torch
+
+    flat = codes.reshape(-1).to(torch.uint8)
+    return ((flat[0::2] << 4) | flat[1::2]).reshape(-1, 1)
+
+
+def unpack_4bit(data, numel):
+    """The 4-bit codes of bitsandbytes' packed bytes, in order."""
+    import torch
+
+    flat = data.reshape(-1)
+    out = torch.empty(flat.numel() * 2, dtype=torch.uint8, device=data.device)
+    out[0::2] = flat >> 4
+    out[1::2] = flat & 0x0F
+    return out[:numel]
+
+
+@hookimpl
+def register_backends(register):
+    register(BitsAndBytesBackend())

@@ -1,0 +1,202 @@
+"""GPTQ through GPT-QModel: calibrated 2/3/4/8-bit weight quantization, on CPU and CUDA.
+
+Quantizes with ``gptqmodel.GPTQModel`` (transformers' own ``GPTQConfig`` path imports ``optimum.gptq``, which optimum
+2.x no longer has), saves and loads the standard GPTQ checkpoint format (``quantize_config.json`` + packed
+``qweight``/``qzeros``/``scales``/``g_idx``), so checkpoints made by gptqmodel itself (or AutoGPTQ) load too.
+
+Kernels: ``kernel="torch"`` (default) is gptqmodel's ``TorchLinear``: pure PyTorch, CPU and CUDA, trainable, and its
+packed tensors are the checkpoint's, so qadapt can de-quantize, re-quantize and save them. ``kernel="marlin"`` (CUDA,
+4/8-bit symmetric, float16/bfloat16) repacks weights for fast inference: gptqmodel's Marlin layers refuse training
+mode, so adapters are trained with ``kernel="torch"`` and loaded onto a Marlin base to serve (``qadapt.load_adapter``);
+``save`` copies the checkpoint the base was loaded from (the repacked layout is never written back).
+"""
+
+from __future__ import annotations
+
+from qadapt.backend import Environment, Option, QuantBackend
+from qadapt.capabilities import declare, yes
+from qadapt.errors import InvalidOptionError
+from qadapt.hookspecs import hookimpl
+
+from . import _gptqmodel_common as common
+
+INSTALL = "pip install 'qadapt[gptq]'  (gptqmodel and optimum>=1.24)"
+KERNELS = {"torch": "TORCH", "marlin": "MARLIN"}
+
+THROUGH_PROXY = (
+    "PEFT has no layer for {} on gptqmodel's quantized layers: qadapt presents each as nn.Linear (forward unchanged, "
+    "weight de-quantized on access)"
+)
+
+
+class GPTQBackend(common.PackedLayersBackend, QuantBackend):
+    name = "gptq"
+    proxy_methods = ("dora", "vera", "adalora", "ia3")
+    peft_dispatchers = ("dispatch_gptq",)
+    gpu_variants = ({"kernel": "marlin", "dtype": "float16"},)
+    summary = "GPTQ via GPT-QModel (2/3/4/8 bits, calibrated; CPU and CUDA kernels)"
+    requires = ("gptqmodel",)
+    distribution = "gptqmodel"
+    install_hint = INSTALL
+    requires_calibration = True
+    options = (
+        Option("bits", 4, "bits per weight", choices=(2, 3, 4, 8)),
+        Option("group_size", 128, "weights sharing one scale and zero (-1: one group per row)", choices=(-1, 32, 64, 128)),
+        Option("desc_act", False, "quantize columns in order of decreasing activation (act-order)", type=bool),
+        Option("sym", True, "symmetric quantization (zero point fixed at the middle)", type=bool),
+        Option("kernel", "torch", "gptqmodel kernel: 'torch' (CPU/CUDA, re-quantizable) or 'marlin' (CUDA, faster)",
+               choices=tuple(KERNELS), runtime=True),
+        Option("dtype", "float32", "dtype of activations and unquantized weights (the packed weights' scales stay in "
+               "half precision)", choices=("float32", "bfloat16", "float16"), runtime=True),
+    )
+
+    # ------------------------------------------------------------------ environment and options
+    def check_environment(self) -> Environment:
+        return common.check_gptqmodel(Environment, self.library_version(), INSTALL)
+
+    def check_option_combination(self, options):
+        if options["kernel"] == "marlin":
+            common.check_marlin_options(self.name, options)
+            if options["bits"] not in (4, 8) or not options["sym"]:
+                raise InvalidOptionError(
+                    f"backend 'gptq' with kernel='marlin', bits={options['bits']}, sym={options['sym']}",
+                    "Marlin runs only 4- and 8-bit symmetric GPTQ",
+                    "Use kernel='torch', or bits=4/8 with sym=True",
+                )
+        return options
+
+    def capabilities(self, options):
+        if options.get("kernel") == "marlin":
+            return common.marlin_table()
+        requantize = yes("the merged weight is rounded onto the layer's own grid (scales, zero points, g_idx); groups "
+                         "it overflows get fresh min-max scales (RTN)")
+        return declare(
+            train={
+                "lora": yes("PEFT's GPTQLoraLinear wraps gptqmodel's quantized layers"),
+                "dora": yes(THROUGH_PROXY.format("DoRA (its GPTQLoraLinear refuses it)")),
+                "vera": yes(THROUGH_PROXY.format("VeRA")),
+                "adalora": yes(THROUGH_PROXY.format("AdaLoRA (it wraps only the class gptqmodel's auto-selection names)")),
+                "ia3": yes(THROUGH_PROXY.format("IA3")),
+            },
+            requantize=requantize,
+            dequantize=yes("qweight/qzeros/scales/g_idx are unpacked to the float weight"),
+            save=yes("the standard GPTQ checkpoint format (safetensors + quantize_config.json)"),
+        )
+
+    # ------------------------------------------------------------------ heavy work
+    def quantize(self, model, options, calibration=None):
+        common.import_gptqmodel()
+        from gptqmodel.quantization import GPTQConfig
+
+        config = GPTQConfig(
+            bits=options["bits"], group_size=options["group_size"], desc_act=options["desc_act"], sym=options["sym"],
+            pack_impl="original", offload_to_disk=False,
+        )
+        return self.quantize_with(config, model, options, calibration)
+
+    def load(self, path, options):
+        return common.load_quantized(path, KERNELS[options["kernel"]], options["dtype"])
+
+    def is_quantized_checkpoint(self, path):
+        qconfig = common.read_quantization_config(path)
+        return common.method_of(qconfig) == "gptq" or (qconfig is not None and common.method_of(qconfig) is None
+                                                        and "bits" in qconfig)
+
+    def quantized_layer_types(self):
+        common.import_gptqmodel()
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+        return (BaseQuantLinear,)
+
+    # what PackedLayersBackend needs: this format's packing
+    format_name = "GPTQ"
+
+    def is_packed(self, module):
+        return _is_gptq_packed(module)
+
+    def dequantize_packed(self, module):
+        return dequantize_gptq(module)
+
+    def requantize_packed(self, module, weight):
+        return requantize_gptq(module, weight)
+
+    def checkpoint_tensors(self, module):
+        return _checkpoint_tensors(module)
+
+
+# ---------------------------------------------------------------------------------------------- GPTQ packing
+def _is_gptq_packed(module) -> bool:
+    """Does ``module`` hold the checkpoint's GPTQ tensors as they are (TorchLinear and its packable relatives)?"""
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+
+    return isinstance(module, PackableQuantLinear) and not getattr(module, "planar", False)
+
+
+
+def _int_zeros(module):
+    """The integer zero points, (groups, out_features), in gptqmodel's in-memory (v2) convention."""
+    from gptqmodel.utils.model_dequant import unpack_cols
+
+    zeros = unpack_cols(module.qzeros.detach().cpu(), module.bits)[:, : module.out_features]
+    if module.qzero_format() == 1:  # GPTQ v1 checkpoints store zero - 1
+        zeros = zeros + 1
+    return zeros
+
+
+def _checkpoint_tensors(module):
+    """A GPTQ layer's tensors as the standard ("gptq", v1) checkpoint stores them: zero points minus one."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from gptqmodel.utils.model_dequant import pack_cols
+
+    if not isinstance(module, BaseQuantLinear):
+        return None
+    qzeros = module.qzeros
+    if module.qzero_format() == 2:
+        zeros = _int_zeros(module) - 1  # v1 stores zero - 1 (a zero of 0 wraps to maxq, as in every GPTQ v1 file)
+        width = qzeros.shape[1] * (32 // module.bits) if module.bits != 3 else qzeros.shape[1] * 32 // 3
+        padded = zeros.new_zeros((zeros.shape[0], width))
+        padded[:, : zeros.shape[1]] = zeros
+        qzeros = pack_cols(padded, module.bits, pack_dtype=module.qzeros.dtype)
+    return {"qweight": module.qweight, "qzeros": qzeros, "scales": module.scales, "g_idx": module.g_idx,
+            "bias": getattr(module, "bias", None)}
+
+
+def dequantize_gptq(module):
+    """float32 ``(out_features, in_features)``: ``scales[g_idx] * (codes - zeros[g_idx])``, computed in float32."""
+    from gptqmodel.utils.model_dequant import unpack_rows
+
+    codes = unpack_rows(module.qweight.detach().cpu(), module.bits)[: module.in_features]
+    zeros = _int_zeros(module)
+    scales = module.scales.detach().float().cpu()
+    g_idx = module.g_idx.detach().long().cpu()
+    weight = scales[g_idx] * (codes - zeros[g_idx]).float()
+    return weight.T.contiguous().to(module.qweight.device)
+
+
+def requantize_gptq(module, weight):
+    """A copy of ``module`` holding ``weight`` rounded to the nearest level of the layer's own grid (same g_idx,
+    scales and zero points wherever the new weights fit them; see :func:`common.fit_grid`): RTN re-quantization."""
+    import torch
+
+    device = module.qweight.device
+    g_idx = module.g_idx.detach().cpu().clone()
+    scales, zeros = common.fit_grid(weight, module.scales.detach().float().cpu(), _int_zeros(module), g_idx,
+                                    module.bits, module.sym)
+    new = common.clone_layer(module)
+    linear = common.plain_linear(weight, getattr(module, "bias", None))
+    with torch.inference_mode():
+        new.pack_original(linear, scales.T.contiguous(), zeros.T.contiguous(), g_idx)
+    # pack_original packs the zeros as given (v2 convention) and stores scales/bias as float16: restore the dtypes.
+    new.qzero_format(2)
+    new.register_buffer("scales", scales.to(module.scales.dtype))
+    if getattr(module, "bias", None) is not None:
+        new.register_buffer("bias", module.bias.detach().clone().cpu())
+    new = new.to(device)
+    new.post_init()
+    new.train(module.training)
+    return new
+
+
+@hookimpl
+def register_backends(register):
+    register(GPTQBackend())

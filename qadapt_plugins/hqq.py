@@ -1,0 +1,248 @@
+"""HQQ: half-quadratic quantization, calibration-free, 1-8 bits with grouped scales and zeros.
+
+Drives hqq's own API: transformers' ``HqqConfig`` path raises "not available yet" in transformers 5.x. Each
+``nn.Linear`` (``lm_head`` excepted) becomes ``hqq.core.quantize.HQQLinear``. HQQ's state dict is all tensors, so the
+quantized base saves as one safetensors file beside the model's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from qadapt.backend import Option, QuantBackend
+from qadapt.capabilities import declare, yes
+from qadapt.hookspecs import hookimpl
+from qadapt.merging.requant import POLICIES
+
+LAYOUT_FILE = "hqq_layers.json"
+WEIGHTS_FILE = "model.safetensors"
+THROUGH_PROXY = "PEFT has no HQQ layer for {}: qadapt presents HQQLinear as nn.Linear (forward unchanged)"
+
+
+class HQQBackend(QuantBackend):
+    name = "hqq"
+    summary = "HQQ half-quadratic quantization (1-8 bits, no calibration)"
+    requires = ("hqq.core.quantize",)
+    distribution = "hqq"
+    install_hint = "pip install 'qadapt[hqq]'"
+    proxy_methods = ("vera", "adalora", "ia3")
+    requantize_policies = POLICIES
+    requantize_uses_inputs = True
+    peft_dispatchers = ("dispatch_hqq",)
+    demo_options = {"bits": 4, "group_size": 64}
+    options = (
+        Option("bits", 4, "bits per weight", choices=(1, 2, 3, 4, 8)),
+        Option("group_size", 64, "weights sharing one scale and zero", choices=(16, 32, 64, 128, 256)),
+        Option("compute_dtype", "auto", "dtype of the de-quantized matmul ('auto': the model's dtype)",
+               choices=("auto", "float32", "bfloat16", "float16"), runtime=True),
+    )
+
+    def install_problems(self):
+        from qadapt.hf import is_importable, is_installed
+
+        if is_installed("hqq") and not is_importable("termcolor"):
+            return [("`hqq` is installed without `termcolor` (hqq imports it but does not declare it): `import "
+                     "transformers` itself fails", "pip install termcolor")]
+        return []
+
+    def capabilities(self, options):
+        return declare(
+            train={
+                "lora": yes("PEFT's HqqLoraLinear"),
+                "dora": yes("PEFT's HqqLoraLinear with use_dora"),
+                "vera": yes(THROUGH_PROXY.format("VeRA")),
+                "adalora": yes(THROUGH_PROXY.format("AdaLoRA")),
+                "ia3": yes(THROUGH_PROXY.format("IA3")),
+            },
+            requantize=yes("HQQ re-quantizes the merged weight with the same bits and group size"),
+            dequantize=yes("HQQLinear.dequantize()"),
+            save=yes("HQQ's state dict is plain tensors, saved with safetensors"),
+        )
+
+    # ------------------------------------------------------------------ heavy work
+    def _quant_config(self, options):
+        from hqq.core.quantize import BaseQuantizeConfig
+
+        return BaseQuantizeConfig(nbits=options["bits"], group_size=options["group_size"])
+
+    def quantize(self, model, options, calibration=None):
+        from qadapt.hf import default_device, load_full_precision, replace_module, to_default_device
+
+        if isinstance(model, str):
+            model = load_full_precision(model, gpu=False)
+        quant_config = self._quant_config(options)
+        compute_dtype = _compute_dtype(options, model.dtype)
+        device = default_device()
+        for name, module in _linear_layers(model):
+            replace_module(model, name, self._make(module, quant_config, compute_dtype, device))
+        return to_default_device(model)
+
+    def _make(self, linear, quant_config, compute_dtype, device):
+        from hqq.core.quantize import HQQLinear
+
+        # del_orig frees the full-precision weight as each layer is quantized (an in-memory model is converted in place).
+        return HQQLinear(linear, quant_config=quant_config, compute_dtype=compute_dtype, device=device, del_orig=True)
+
+    def save(self, model, path, options):
+        from safetensors.torch import save_file
+
+        from hqq.core.quantize import HQQLinear
+
+        layers = [name for name, module in model.named_modules() if isinstance(module, HQQLinear)]
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        model.config.save_pretrained(path)
+        save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", "qadapt_backend": "hqq"})
+        with open(os.path.join(path, LAYOUT_FILE), "w") as handle:
+            json.dump({"layers": layers, "options": options}, handle, indent=2)
+
+    def load(self, path, options):
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from hqq.core.quantize import HQQLinear
+
+        from qadapt.hf import default_device, replace_module, to_default_device
+
+        with open(os.path.join(path, LAYOUT_FILE)) as handle:
+            layout = json.load(handle)
+        options = {**options, **layout.get("options", {})}
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        state = load_file(os.path.join(path, WEIGHTS_FILE))
+        compute_dtype = _compute_dtype(options, model.dtype)
+        device = default_device()
+        for name in layout["layers"]:
+            layer = HQQLinear(None, quant_config=self._quant_config(options), compute_dtype=compute_dtype, device=device)
+            prefix = name + "."
+            layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            replace_module(model, name, layer)
+        rest = {k: v for k, v in state.items() if not any(k.startswith(n + ".") for n in layout["layers"])}
+        missing, unexpected = model.load_state_dict(rest, strict=False)[:2]
+        missing = [k for k in missing if not any(k.startswith(n + ".") for n in layout["layers"])]
+        if missing or unexpected:
+            raise ValueError(f"HQQ checkpoint does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        # the HQQ layers are on the device already; embeddings, norms and head join them
+        return to_default_device(model).eval()
+
+    def is_quantized_checkpoint(self, path):
+        return os.path.exists(os.path.join(path, LAYOUT_FILE))
+
+    def quantized_layer_types(self):
+        from hqq.core.quantize import HQQLinear
+
+        return (HQQLinear,)
+
+    def dequantize(self, module):
+        return module.dequantize().float()
+
+    def requantize(self, module, weight, policy="best", hessian=None):
+        """A new HQQLinear holding ``weight``; ``policy`` (see qadapt.merging.requant): ``"fresh"`` quantizes ``weight``
+        afresh as PEFT does; ``"grid"`` keeps each group's scale and zero and rounds ``weight`` onto them; ``"best"``
+        (default) also re-fits each group's scale and zero by least squares and keeps, per group, whichever candidate
+        (fresh included) is closest to ``weight``: never further from ``weight`` than the fresh quantization.
+        ``hessian`` (optional, (in, in) = X^T X of the layer's inputs on calibration data): the candidates then also
+        include a GPTQ-style rounding onto the original grid, and the layer with the lowest OUTPUT error on those
+        inputs is kept (fresh, i.e. PEFT's result, among them)."""
+        from qadapt.merging.requant import by_policy
+
+        fresh = self._requantize_fresh(module, weight)
+        return by_policy(self, policy, weight, hessian, fresh,
+                         lambda chosen: self._requantize_on_grid(module, weight, fresh, chosen),
+                         lambda: self._requantize_gptq(module, weight, fresh, hessian))
+
+    def _requantize_gptq(self, module, weight, fresh, hessian):
+        """GPTQ-style rounding onto the layer's original grid (its groups' scales and zeros)."""
+        from qadapt.merging.requant import affine_columns, gptq_on_grid
+
+        meta = module.meta
+        out_features, in_features = weight.shape
+        group_size = int(meta["group_size"])
+        if meta.get("axis") != 1 or in_features % group_size or meta.get("quant_scale") or meta.get("quant_zero"):
+            return None
+        scale = meta["scale"].float().repeat_interleave(group_size).view(out_features, in_features)
+        zero = meta["zero"].float().repeat_interleave(group_size).view(out_features, in_features)
+        rounding = affine_columns(scale, zero, 0, 2 ** int(meta["nbits"]) - 1)
+        on_grid = gptq_on_grid(weight.float().to(module.W_q.device), hessian, rounding)
+        return self._requantize_on_grid(module, on_grid, fresh, "grid")
+
+    def _requantize_on_grid(self, module, weight, fresh, policy):
+        import torch
+        from hqq.core.quantize import Quantizer
+
+        from qadapt.hf import clone_module
+
+        from qadapt.merging.requant import affine_groups, best_groups
+
+        meta = module.meta
+        plain = (
+            meta.get("packing") in Quantizer.unpack
+            and int(meta["nbits"]) in (1, 2, 4, 8)
+            and meta.get("axis") == 1
+            and not meta.get("quant_scale")
+            and not meta.get("quant_zero")
+            and not meta.get("view_as_float")
+            and "zero_scale" not in meta
+            and not getattr(module, "offload_meta", False)
+            and fresh.meta.get("packing") == meta.get("packing")
+            and all(not fresh.meta.get(k) for k in ("quant_scale", "quant_zero", "view_as_float"))
+            and "zero_scale" not in fresh.meta
+        )
+        if not plain:
+            return None  # layouts this arithmetic does not cover: the fresh quantization stands
+        packing, nbits, group_size = meta["packing"], int(meta["nbits"]), int(meta["group_size"])
+        compute_dtype = meta.get("compute_dtype", module.compute_dtype)
+        device = module.W_q.device
+        target = weight.float().to(device).reshape(-1, group_size)
+
+        def deq(q, scale, zero):  # HQQ's Quantizer.dequantize: (W_r - zero) * scale in the compute dtype
+            return ((q.to(compute_dtype) - zero) * scale).float()
+
+        old_q = Quantizer.unpack[packing](module.W_q, dtype=torch.uint8)[: target.shape[0]].float()
+        scale, zero = meta["scale"], meta["zero"]
+        if old_q.shape != target.shape or scale.shape[0] != target.shape[0]:
+            return None
+        candidates = affine_groups(target, scale, zero, nbits, deq, iterations=0 if policy == "grid" else 2)
+        if policy != "grid":
+            fresh_q = Quantizer.unpack[packing](fresh.W_q, dtype=torch.uint8)[: target.shape[0]].float()
+            candidates.append((fresh_q, fresh.meta["scale"].to(scale.dtype), fresh.meta["zero"].to(zero.dtype)))
+        q, new_scale, new_zero, _, _ = best_groups(target, candidates, deq)
+        new = clone_module(fresh)
+        new.meta = {**fresh.meta, "scale": new_scale.contiguous(), "zero": new_zero.contiguous()}
+        new.W_q = torch.nn.Parameter(Quantizer.pack[packing](q.to(torch.uint8)), requires_grad=False)
+        return new
+
+    def _requantize_fresh(self, module, weight):
+        import torch
+
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        # HQQLinear consumes its quant_config dict; rebuild it from the layer's own metadata.
+        quant_config = self._quant_config({"bits": int(module.meta["nbits"]), "group_size": int(module.meta["group_size"])})
+        return self._make(linear, quant_config, module.compute_dtype, module.device)
+
+
+def _compute_dtype(options, model_dtype):
+    import torch
+
+    return model_dtype if options["compute_dtype"] == "auto" else getattr(torch, options["compute_dtype"])
+
+
+def _linear_layers(model):
+    import torch
+
+    output = model.get_output_embeddings()
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    ]
+
+
+@hookimpl
+def register_backends(register):
+    register(HQQBackend())

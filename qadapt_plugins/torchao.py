@@ -1,0 +1,202 @@
+"""torchao: weights as tensor subclasses (int8 weight-only; int4 weight-only where torchao runs it).
+
+Quantizes through transformers' ``TorchAoConfig``; the layers stay ``nn.Linear`` with a quantized weight tensor, and
+transformers saves them with safetensors.
+"""
+
+from __future__ import annotations
+
+from qadapt.backend import Option, QuantBackend
+from qadapt.capabilities import declare, no, yes
+from qadapt.errors import BackendUnavailableError
+from qadapt.hookspecs import hookimpl
+from qadapt.merging.requant import POLICIES
+
+INT4_NOT_TRAINABLE = no(
+    "PEFT's torchao LoRA layer accepts only int8 weights (it raises TypeError on Int4Tensor)",
+    "Use scheme='int8_weight_only' to train adapters, or bnb bits=4 for a trainable 4-bit base",
+)
+
+
+class TorchAOBackend(QuantBackend):
+    name = "torchao"
+    summary = "torchao tensor-subclass weights (int8 weight-only; int4 weight-only on CUDA)"
+    requires = ("torchao",)
+    distribution = "torchao"
+    install_hint = "pip install 'qadapt[torchao]'"
+    requantize_policies = POLICIES
+    requantize_uses_inputs = True
+    peft_dispatchers = ("dispatch_torchao",)
+    matrix_variants = ({"scheme": "int8_weight_only"}, {"scheme": "int4_weight_only"})
+    demo_options = {"scheme": "int8_weight_only"}
+    options = (
+        Option("scheme", "int8_weight_only", "torchao quantization scheme (int4_weight_only: CUDA only, computes in "
+               "bfloat16)", choices=("int8_weight_only", "int4_weight_only")),
+        Option("group_size", 128, "int4 group size (int4_weight_only only)", choices=(32, 64, 128, 256)),
+    )
+
+    def capabilities(self, options):
+        if options["scheme"] == "int4_weight_only":
+            refusal = {method: INT4_NOT_TRAINABLE for method in ("lora", "dora", "vera", "adalora", "ia3")}
+            return declare(
+                train=refusal,
+                requantize=no("no adapter can be trained on int4"),
+                dequantize=no("no adapter can be trained on int4"),
+                save=no("no adapter can be trained on int4"),
+            )
+        nn_linear = "the layer stays nn.Linear, so PEFT's {} layer wraps it"
+        return declare(
+            train={
+                "lora": yes("PEFT's TorchaoLoraLinear"),
+                "dora": yes(nn_linear.format("DoRA")),
+                "vera": yes(nn_linear.format("VeRA")),
+                "adalora": yes(nn_linear.format("AdaLoRA")),
+                "ia3": yes(nn_linear.format("IA3")),
+            },
+            requantize=yes("torchao quantizes the merged weight again with the same config"),
+            dequantize=yes("the weight tensor's own dequantize()"),
+            save=yes("transformers serializes torchao int8 weights with safetensors"),
+        )
+
+    def _config(self, options):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+        if options["scheme"] == "int4_weight_only":
+            from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+            # tinygemm's layout: its kernel is part of PyTorch's CUDA build (the default "plain" layout needs the
+            # separate mslk kernel library)
+            return Int4WeightOnlyConfig(group_size=options["group_size"],
+                                        int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+        return Int8WeightOnlyConfig()
+
+    def quantize(self, model, options, calibration=None):
+        import torch
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+
+        from qadapt.hf import as_pretrained_dir, default_device, model_dtype, quiet_transformers
+
+        if options["scheme"] == "int4_weight_only" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "backend 'torchao' with scheme='int4_weight_only'",
+                "torchao's int4 weight-only layout needs a CUDA GPU (on CPU its weight conversion fails)",
+                "Use scheme='int8_weight_only' on CPU",
+            )
+        quiet_transformers()
+        # tinygemm's int4 kernel takes bfloat16 only: an int4 model computes in bfloat16 whatever it was given in
+        dtype = torch.bfloat16 if options["scheme"] == "int4_weight_only" else model_dtype(model)
+        with as_pretrained_dir(model) as path:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, device_map=default_device(), quantization_config=TorchAoConfig(self._config(options))
+            )
+
+    def load(self, path, options):
+        from transformers import AutoModelForCausalLM
+
+        from qadapt.hf import default_device, quiet_transformers
+
+        quiet_transformers()
+        return AutoModelForCausalLM.from_pretrained(path, device_map=default_device())
+
+    def save(self, model, path, options):
+        model.save_pretrained(path, safe_serialization=True)
+
+    def quantized_layer_types(self):
+        # torchao keeps nn.Linear and swaps its weight for a tensor subclass: the layers are matched by weight type.
+        return ()
+
+    def is_quantized_layer(self, module):
+        return _is_subclass_weight(module)
+
+    def dequantize(self, module):
+        return module.weight.dequantize().float()
+
+    def requantize(self, module, weight, policy="best", hessian=None):
+        """A new layer holding ``weight``; ``policy`` (see qadapt.merging.requant): ``"fresh"`` quantizes ``weight``
+        afresh as PEFT does; ``"grid"`` keeps each row's scale and rounds ``weight`` onto it; ``"best"`` (default) also
+        re-fits each row's scale by least squares and keeps, per row, whichever candidate (fresh included) is closest
+        to ``weight``: never further from ``weight`` than the fresh quantization.
+        ``hessian`` (optional, (in, in) = X^T X of the layer's inputs on calibration data): the candidates then also
+        include a GPTQ-style rounding onto the original grid, and the layer with the lowest OUTPUT error on those
+        inputs is kept (fresh, i.e. PEFT's result, among them)."""
+        from qadapt.merging.requant import by_policy
+
+        fresh = self._requantize_fresh(module, weight)
+        # the chosen codes are written into a second fresh layer of our own; ``fresh`` stays PEFT's result
+        return by_policy(
+            self, policy, weight, hessian, fresh,
+            lambda chosen: self._requantize_on_grid(module, weight, fresh, self._requantize_fresh(module, weight), chosen),
+            lambda: self._requantize_gptq(module, weight, fresh, hessian),
+        )
+
+    def _requantize_gptq(self, module, weight, fresh, hessian):
+        """GPTQ-style rounding onto the layer's per-row int8 grid; None for layouts it does not cover."""
+        if type(module.weight).__name__ != "Int8Tensor":
+            return None
+        import torch
+
+        from qadapt.merging.requant import affine_columns, gptq_on_grid
+
+        step = module.weight.scale.float().view(-1, 1).expand(*weight.shape)
+        on_grid = gptq_on_grid(weight.float().to(step.device), hessian, affine_columns(step, torch.zeros_like(step), -128, 127))
+        return self._requantize_on_grid(module, on_grid, fresh, self._requantize_fresh(module, weight), "grid")
+
+    def _requantize_on_grid(self, module, weight, fresh, holder, policy):
+        import torch
+
+        from qadapt.merging.requant import best_rows, int8_rows
+
+        old, new = module.weight, holder.weight
+        per_row = lambda t: (  # noqa: E731
+            type(t).__name__ == "Int8Tensor"
+            and list(t.block_size) == [1, t.shape[1]]
+            and t.qdata.dtype == torch.int8
+            and (t.zero_point is None or not t.zero_point.any())
+        )
+        if not (per_row(old) and per_row(new)) or old.shape != weight.shape:
+            return None  # layouts this arithmetic does not cover: the fresh quantization stands
+        target = weight.float().to(old.qdata.device)
+
+        def deq(codes, row_scale):  # torchao's dequantize_affine with zero_point 0, in float32
+            return codes.float() * row_scale.float().view(-1, 1)
+
+        candidates = int8_rows(target, old.scale.view(-1), -128, 127, deq)
+        if policy == "grid":
+            candidates = candidates[:1]
+        else:
+            candidates.append((fresh.weight.qdata.float(), fresh.weight.scale.view(-1)))
+        codes, row_scale, _, _ = best_rows(target, candidates, deq)
+        with torch.no_grad():  # ``holder`` is ours alone: write the chosen codes and scales into its tensor
+            new.qdata.copy_(codes.to(torch.int8))
+            new.scale.copy_(row_scale.view_as(new.scale).to(new.scale.dtype))
+        return holder
+
+    def _requantize_fresh(self, module, weight):
+        import torch
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        from qadapt.hf import clone_module
+
+        holder = torch.nn.Sequential(torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+        with torch.no_grad():
+            holder[0].weight.copy_(weight.to(module.weight.dtype))
+        holder = holder.to(module.weight.device, module.weight.dtype)
+        quantize_(holder, Int8WeightOnlyConfig())
+        clone = clone_module(module)
+        clone.weight = holder[0].weight
+        return clone
+
+
+def _is_subclass_weight(module):
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear) or weight is None:
+        return False
+    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    return type(data) is not torch.Tensor and hasattr(data, "dequantize")
+
+
+@hookimpl
+def register_backends(register):
+    register(TorchAOBackend())
