@@ -13,6 +13,7 @@ import torch
 
 import qadapt
 from qadapt.capabilities import declare, yes
+from qadapt.hf import replace_module
 
 
 class RowwiseInt8Linear(torch.nn.Linear):
@@ -68,8 +69,7 @@ class RowwiseInt8Backend(qadapt.QuantBackend):
         head = model.get_output_embeddings()
         for name, module in list(model.named_modules()):
             if type(module) is torch.nn.Linear and module is not head:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, RowwiseInt8Linear.from_weight(module.weight, module.bias))
+                replace_module(model, name, RowwiseInt8Linear.from_weight(module.weight, module.bias))
         return model
 
     def is_quantized_checkpoint(self, path):
@@ -93,9 +93,8 @@ class RowwiseInt8Backend(qadapt.QuantBackend):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
         for name in layers:
             module = model.get_submodule(name)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child,
-                    RowwiseInt8Linear(module.in_features, module.out_features, bias=module.bias is not None))
+            replace_module(model, name, RowwiseInt8Linear(module.in_features, module.out_features,
+                                                          bias=module.bias is not None))
         load_model(model, os.path.join(path, "model.safetensors"), strict=False)
         return model.eval()
 
