@@ -25,6 +25,8 @@ from .errors import BackendUnavailableError, UnknownBackendError
 
 GROUP = "qadapt"
 ENV_SWITCH = "QADAPT_LOAD_PLUGINS"
+#: the distribution qadapt itself is installed as (its entry points are the built-in backends)
+DISTRIBUTION = "qadapt-lm"
 
 
 @dataclass

@@ -42,7 +42,7 @@ class AqlmBackend(QuantBackend):
     summary = "AQLM additive quantization (M codebooks of 2^B vectors per group of 8/16 weights; 2x8 = 2 bits)"
     requires = ("aqlm", "numba")
     distribution = "aqlm"
-    install_hint = "pip install 'qadapt[aqlm]'  (aqlm[cpu]: numba)"
+    install_hint = "pip install 'aqlm[cpu]>=1.1.6'  (the `aqlm` extra of qadapt-lm; [cpu] brings numba)"
     options = (
         Option("num_codebooks", 2, "M: codebooks summed per weight group (1x16 and 2x8 are AQLM's usual shapes)",
                choices=(1, 2, 3, 4)),

@@ -22,7 +22,7 @@ from qadapt.hookspecs import hookimpl
 
 from . import _gptqmodel_common as common
 
-INSTALL = "pip install 'qadapt[awq]'  (gptqmodel and optimum>=1.24)"
+INSTALL = "pip install 'gptqmodel>=7.0' 'optimum>=1.24'  (the `awq` extra of qadapt-lm)"
 KERNELS = {"torch": "AWQ_TORCH", "marlin": "AWQ_MARLIN"}
 
 THROUGH_PROXY = (

@@ -23,7 +23,7 @@ class BitsAndBytesBackend(QuantBackend):
     summary = "bitsandbytes 4-bit NF4/FP4 (double quant) and 8-bit LLM.int8 weights"
     requires = ("bitsandbytes",)
     distribution = "bitsandbytes"
-    install_hint = "pip install 'qadapt[bnb]'"
+    install_hint = "pip install 'bitsandbytes>=0.45'  (the `bnb` extra of qadapt-lm)"
     requantize_policies = POLICIES
     requantize_uses_inputs = True
     peft_dispatchers = ("dispatch_bnb_8bit", "dispatch_bnb_4bit")

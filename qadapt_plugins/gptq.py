@@ -20,7 +20,7 @@ from qadapt.hookspecs import hookimpl
 
 from . import _gptqmodel_common as common
 
-INSTALL = "pip install 'qadapt[gptq]'  (gptqmodel and optimum>=1.24)"
+INSTALL = "pip install 'gptqmodel>=7.0' 'optimum>=1.24'  (the `gptq` extra of qadapt-lm)"
 KERNELS = {"torch": "TORCH", "marlin": "MARLIN"}
 
 THROUGH_PROXY = (

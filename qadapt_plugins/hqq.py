@@ -25,7 +25,7 @@ class HQQBackend(QuantBackend):
     summary = "HQQ half-quadratic quantization (1-8 bits, no calibration)"
     requires = ("hqq.core.quantize",)
     distribution = "hqq"
-    install_hint = "pip install 'qadapt[hqq]'"
+    install_hint = "pip install 'hqq>=0.2.5' termcolor  (the `hqq` extra of qadapt-lm)"
     proxy_methods = ("vera", "adalora", "ia3")
     requantize_policies = POLICIES
     requantize_uses_inputs = True

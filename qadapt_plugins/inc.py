@@ -50,7 +50,7 @@ class INCBackend(QuantBackend):
     summary = "Intel Neural Compressor weight-only RTN/GPTQ (2-8 bit int, NF4/FP4) on CPU"
     requires = ("neural_compressor.torch.quantization",)
     distribution = "neural-compressor-pt"
-    install_hint = "pip install 'qadapt[inc]'  (the neural-compressor-pt package, not plain neural-compressor)"
+    install_hint = "pip install 'neural-compressor-pt>=3.2'  (the `inc` extra of qadapt-lm; not plain neural-compressor)"
     options = (
         Option("algorithm", "rtn", "rtn: round to nearest, no data; gptq: error-correcting, needs calibration batches",
                choices=("rtn", "gptq")),
@@ -91,7 +91,7 @@ class INCBackend(QuantBackend):
                     "half's dependencies (prettytable, ...), and PEFT imports it on every LoRA attach, which then fails "
                     "for EVERY backend, not only INC"
                 ),
-                hint="pip uninstall neural-compressor && pip install 'qadapt[inc]'  (neural-compressor-pt)",
+                hint="pip uninstall neural-compressor && pip install 'neural-compressor-pt>=3.2'",
             )
         checks = (
             "neural_compressor.torch.quantization",

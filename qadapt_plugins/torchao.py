@@ -23,7 +23,7 @@ class TorchAOBackend(QuantBackend):
     summary = "torchao tensor-subclass weights (int8 weight-only; int4 weight-only on CUDA)"
     requires = ("torchao",)
     distribution = "torchao"
-    install_hint = "pip install 'qadapt[torchao]'"
+    install_hint = "pip install 'torchao>=0.12'  (the `torchao` extra of qadapt-lm)"
     requantize_policies = POLICIES
     requantize_uses_inputs = True
     peft_dispatchers = ("dispatch_torchao",)

@@ -54,7 +54,9 @@ def builtin_backends() -> list[str]:
     """The backends qadapt's own distribution ships (its ``qadapt`` entry points), whatever is registered."""
     from importlib.metadata import distribution
 
-    return sorted(ep.name for ep in distribution("qadapt").entry_points if ep.group == "qadapt")
+    from qadapt.plugins import DISTRIBUTION, GROUP
+
+    return sorted({ep.name for ep in distribution(DISTRIBUTION).entry_points if ep.group == GROUP})
 
 
 def cuda_available() -> bool:

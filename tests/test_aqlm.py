@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
-aqlm = pytest.importorskip("aqlm", reason="AQLM backend needs `pip install 'qadapt[aqlm]'`")
+aqlm = pytest.importorskip("aqlm", reason="AQLM backend needs the `aqlm` extra (aqlm[cpu])")
 
 import qadapt  # noqa: E402
 from qadapt.testing import toy  # noqa: E402

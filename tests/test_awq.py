@@ -14,7 +14,7 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("gptqmodel", reason="AWQ backend needs `pip install 'qadapt[awq]'`")
+pytest.importorskip("gptqmodel", reason="AWQ backend needs the `awq` extra (gptqmodel)")
 
 import qadapt  # noqa: E402
 from qadapt.testing import toy  # noqa: E402

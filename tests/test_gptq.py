@@ -9,7 +9,7 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("gptqmodel", reason="GPTQ backend needs `pip install 'qadapt[gptq]'`")
+pytest.importorskip("gptqmodel", reason="GPTQ backend needs the `gptq` extra (gptqmodel)")
 
 import qadapt  # noqa: E402
 from qadapt.testing import toy  # noqa: E402
