@@ -4,7 +4,7 @@
     nox -t ci               everything CI runs: tests + each backend alone in its own environment
     nox -t backends         each backend extra alone: nox -s "backend(gptq)"
     nox -t compat           the oldest and newest supported PEFT x transformers pairs
-    nox -s demo             set up and run `qadapt demo`
+    nox -s demo             set up and run `qadapt demo` (bnb, hqq, torchao); nox -s demo-all: every backend
     nox -s matrix           `qadapt matrix --verify` per backend environment -> docs/compatibility.md
     nox -s bench_attach     attach overhead with every backend installed vs plain PEFT with none
 
@@ -87,8 +87,15 @@ def compat(session, peft, transformers):
 
 @nox.session
 def demo(session):
-    """Set up and run the offline demo."""
+    """Set up and run the offline demo (bnb, hqq, torchao)."""
     install(session, *DEFAULT_SUITE)
+    session.run("qadapt", "demo", env=ENV)
+
+
+@nox.session(name="demo-all")
+def demo_all(session):
+    """The offline demo with every backend that installs here."""
+    install(session, "all")
     session.run("qadapt", "demo", env=ENV)
 
 

@@ -10,8 +10,10 @@ from . import adapters, checkpoint, proxy
 from .capabilities import MERGE_STRATEGIES, METHODS
 from .errors import IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
-from .plugins import backend_of, ready_backend
+from .plugins import backend_of, quiet_libraries, ready_backend
 from .record import Record, base_model, get_record, set_record
+
+quiet_libraries()  # the known harmless messages of the backend libraries (QADAPT_VERBOSE=1 shows them)
 
 
 # ---------------------------------------------------------------------------------------------------------- load
@@ -130,9 +132,9 @@ def merge(model, strategy: str = "requantize", *, max_error: float | None = None
         that support it round the merged weights with the layers' input statistics (GPTQ-style).
     :param policy: how to re-quantize, for backends that offer a choice (bnb, hqq, torchao): ``"fresh"`` (quantize the
         merged weight afresh, as PEFT does), ``"grid"`` (keep the original scales), ``"best"`` (per block, the closest
-        of those). Default: qadapt tries ``"fresh"`` and ``"best"`` (with input statistics when ``calibration`` is
-        given) and keeps the one with the lower output error on the calibration batch, so it is never worse there
-        than PEFT's own merge.
+        of those). Default: qadapt tries ``"fresh"`` and ``"best"`` (``"best"`` with input statistics when
+        ``calibration`` is given) and keeps the one with the lower output error on the calibration batch, so it is
+        never worse there than PEFT's own merge.
     :return: a :class:`qadapt.merging.MergeReport`.
     """
     record = get_record(model)

@@ -126,6 +126,10 @@ class QuantBackend(abc.ABC):
     #: ``()``: PEFT's default ``nn.Linear`` dispatch (or :meth:`peft_layer_types`) is enough; ``None``: full dispatch
     peft_dispatchers: tuple[str, ...] | None = None
 
+    #: ``(logger name, message pattern, why)``: messages its library logs that say nothing a user can act on
+    #: (seen with the versions named in ``why``); qadapt filters them unless ``QADAPT_VERBOSE=1``
+    harmless_messages: tuple[tuple[str, str, str], ...] = ()
+
     # ------------------------------------------------------------------ how it is shown and verified
     #: option sets ``qadapt matrix`` shows and verifies (and the conformance tests run)
     matrix_variants: tuple[Mapping[str, Any], ...] = ({},)

@@ -44,7 +44,18 @@ class IncompatibleError(QadaptError):
 
 
 class MergeRefusedError(QadaptError):
-    """A merge was measured and refused (its error exceeded ``max_error``); the model is unchanged."""
+    """A merge was measured and refused (its error exceeded ``max_error``); the model is unchanged. ``report`` is the
+    :class:`qadapt.merging.MergeReport` of the refused merge (which layers lost most), where one was measured."""
+
+    def __init__(self, asked: str, reason: str, hint: str = "", report=None) -> None:
+        super().__init__(asked, reason, hint)
+        self.report = report
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if self.report is not None:
+            data["report"] = self.report.to_dict()
+        return data
 
 
 class CheckpointError(QadaptError):

@@ -190,6 +190,13 @@ def backend_of(record) -> QuantBackend:
     return UNQUANTIZED if record.backend is None else get_backend(record.backend)
 
 
+def quiet_libraries() -> None:
+    """Filter the known harmless messages of every registered backend's library (see :mod:`qadapt.quiet`)."""
+    from . import quiet
+
+    quiet.install([message for r in registrations().values() for message in r.backend.harmless_messages])
+
+
 def register_plugin(plugin: object, name: str) -> None:
     """Register an in-process plugin (tests, notebooks). Its failures are recorded like an entry point's."""
     registry().add(plugin, name)

@@ -29,6 +29,10 @@ class BitsAndBytesBackend(QuantBackend):
     peft_dispatchers = ("dispatch_bnb_8bit", "dispatch_bnb_4bit")
     matrix_variants = ({"bits": 4}, {"bits": 4, "quant_type": "fp4", "double_quant": False}, {"bits": 8})
     demo_options = {"bits": 4, "quant_type": "nf4", "double_quant": True}
+    harmless_messages = (
+        ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community",
+         "bitsandbytes 0.50 looks for an optional Hub kernel; its own CPU kernel runs instead"),
+    )
     options = (
         Option("bits", 4, "4-bit (NF4/FP4) or 8-bit (LLM.int8) weights", choices=(4, 8)),
         Option("quant_type", "nf4", "4-bit data type", choices=("nf4", "fp4")),

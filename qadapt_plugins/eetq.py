@@ -42,7 +42,7 @@ THROUGH_PROXY = yes(
 def library_problem():
     """Why EETQ's own library cannot run here, or None if it can. Never raises."""
     try:
-        import eetq  # noqa: F401
+        import eetq  # noqa: F401  (importable at all?)
     except Exception as exc:
         if sys.version_info[:2] != (3, 10):
             return (

@@ -47,6 +47,12 @@ class INCBackend(QuantBackend):
     peft_dispatchers = ()  # qadapt's own LoRA layer, through LoRA's custom-module hook
     matrix_variants = ({"algorithm": "rtn", "bits": 4},)
     not_run_on = {"gpu": "INC's weight-only layers are CPU code (its FP8 path needs Intel Gaudi)"}
+    harmless_messages = (
+        ("neural_compressor", r"Auto detect accelerator|hw aligned scales not supported|has already been set, update "
+         r"it|Below warning will be shown only once|TBB is not installed",
+         "INC 3.10 announces the accelerator it picked (the CPU), its default configs and an optional threading "
+         "library"),
+    )
     summary = "Intel Neural Compressor weight-only RTN/GPTQ (2-8 bit int, NF4/FP4) on CPU"
     requires = ("neural_compressor.torch.quantization",)
     distribution = "neural-compressor-pt"

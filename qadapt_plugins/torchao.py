@@ -29,6 +29,14 @@ class TorchAOBackend(QuantBackend):
     peft_dispatchers = ("dispatch_torchao",)
     matrix_variants = ({"scheme": "int8_weight_only"}, {"scheme": "int4_weight_only"})
     demo_options = {"scheme": "int8_weight_only"}
+    harmless_messages = (
+        ("torchao", r"Failed to load .*_C_\w+.*\.so",
+         "torchao 0.18 tries its CUDA/cutlass extensions on every import; a CPU build has none"),
+        ("torchao.kernel.intmm", r"Detected no triton",
+         "torchao 0.18 on a machine without Triton (CPU): qadapt uses none of its Triton kernels"),
+        ("torch.utils._pytree", r"is an Enum subclass and is now natively supported",
+         "torchao 0.18 registers Enums the way torch 2.13 deprecates"),
+    )
     options = (
         Option("scheme", "int8_weight_only", "torchao quantization scheme (int4_weight_only: CUDA only, computes in "
                "bfloat16)", choices=("int8_weight_only", "int4_weight_only")),

@@ -22,7 +22,8 @@ TIERS = [
     ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.merging", "qadapt.proxy", "qadapt.memory"]),
     ("plugin system", ["qadapt.plugins", "qadapt.hookspecs", "qadapt.backend", "qadapt.unquantized",
                        "qadapt.capabilities", "qadapt.record"]),
-    ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.peft_layers", "qadapt.merging.requant", "qadapt._version"]),
+    ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.peft_layers", "qadapt.merging.requant", "qadapt._version",
+                 "qadapt.quiet", "qadapt.progress"]),
 ]
 
 

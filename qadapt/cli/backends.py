@@ -35,7 +35,8 @@ def backend_rows(check: bool = True) -> list[dict]:
         rows.append(row)
     for failure in failures():
         rows.append({"name": failure.plugin, "plugin": failure.plugin, "status": "failed",
-                     "reason": f"plugin failed to {failure.stage}: {failure.error}", "hint": "run `qadapt doctor`"})
+                     "reason": f"plugin failed to {failure.stage}: {failure.error}",
+                     "hint": "`qadapt doctor` shows where it failed", "traceback": failure.traceback})
     return rows
 
 

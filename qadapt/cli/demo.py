@@ -18,7 +18,19 @@ def add_parser(commands) -> None:
     demo.add_argument("--steps", type=int, default=8)
 
 
+LEGEND = """\
+loss before / after: held-out loss of the tiny Llama before and after the training steps (LoRA r=8)
+weights MB: true storage of the quantized model's weights (qadapt.memory.storage_bytes)
+merge error: relative output error of the merged (re-quantized) model against the unmerged adapter model, on
+             held-out text; 'refused' where the backend cannot re-quantize (the reason follows)
+reload diff: largest |logit| difference after save + reload (0: identical)
+s: seconds for the row (load, train, merge, save, reload)"""
+
+
 def run(args) -> int:
+    from . import check_backend_names
+
+    check_backend_names(args.backend)
     return demo(args.backend, steps=args.steps)
 
 
@@ -41,7 +53,7 @@ def demo(only=None, steps: int = 8) -> int:
             backend = qadapt.get_backend(name)
             env = backend.check_environment()
             if not env.ok:
-                rows.append({"backend": name, "status": f"unavailable: {env.reason}"})
+                rows.append({"backend": name, "status": f"unavailable: {env.reason}", "hint": env.hint})
                 print(f"[{name}] skipped: {env.reason}", flush=True)
                 continue
             options = dict(backend.demo_options)
@@ -54,9 +66,17 @@ def demo(only=None, steps: int = 8) -> int:
             except Exception as exc:  # show it in the table; the other backends still run
                 rows.append({"backend": name, "status": f"FAILED: {type(exc).__name__}: {exc}"[:160]})
             rows[-1]["seconds"] = time.perf_counter() - started
+            if env.reason:  # runs, with a note (e.g. EETQ's format in torch where EETQ's own kernels cannot run)
+                rows[-1]["note"] = env.reason
             print(f"[{name}] {rows[-1]['status']} ({rows[-1]['seconds']:.1f} s)", flush=True)
     print()
     print(_table(rows))
+    print()
+    print(LEGEND)
+    missing = [r["backend"] for r in rows if r["status"].startswith("unavailable")]
+    if missing:
+        print(f"\nNot installed here: {', '.join(missing)}. Every backend that runs on CPU: python3 -m nox -s "
+              "demo-all (or pip install -e '.[all]' and run qadapt demo).")
     return 0 if all(not r["status"].startswith("FAILED") for r in rows) else 1
 
 
@@ -104,14 +124,19 @@ def _one(name, options, base_dir, batches, tmp, tokenizer, steps):
 
 
 def _table(rows) -> str:
-    header = f"{'backend':<9} {'loss before':>11} {'loss after':>10} {'weights MB':>10} {'merge error':>14} {'reload diff':>11} {'s':>5}  status"
+    header = (f"{'backend':<9} {'loss before':>11} {'loss after':>10} {'weights MB':>10} {'merge error':>14} "
+              f"{'reload diff':>11} {'s':>5}  status")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r["status"] == "ok":
+            note = f" ({r['note']})" if r.get("note") else ""
             lines.append(f"{r['backend']:<9} {r['loss_before']:>11.3f} {r['loss_after']:>10.3f} {r['weight_mb']:>10.2f} "
-                         f"{r['merge_error']:>14} {r['reload_max_diff']:>11.1e} {r.get('seconds', 0):>5.1f}  ok")
+                         f"{r['merge_error']:>14} {r['reload_max_diff']:>11.1e} {r['seconds']:>5.1f}  ok{note}")
+        elif "seconds" in r:
+            lines.append(f"{r['backend']:<9} {'':>11} {'':>10} {'':>10} {'':>14} {'':>11} {r['seconds']:>5.1f}  {r['status']}")
         else:
-            lines.append(f"{r['backend']:<9} {'':>11} {'':>10} {'':>10} {'':>14} {'':>11} {r.get('seconds', 0):>5.1f}  {r['status']}")
+            hint = f" {r['hint']}" if r.get("hint") else ""
+            lines.append(f"{r['backend']:<9} {'':>11} {'':>10} {'':>10} {'':>14} {'':>11} {'-':>5}  {r['status']}.{hint}")
     return "\n".join(lines)
 
 

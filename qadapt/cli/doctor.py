@@ -46,17 +46,23 @@ def run(args=None) -> int:
     print(f"torch {report['torch']}, CUDA {'yes: ' + report.get('gpu', '') if report.get('cuda') else 'no'}")
     print(", ".join(f"{p} {report[p]}" for p in ("transformers", "peft", "accelerate", "safetensors")))
     print()
+    failed = False
     for row in report["backends"]:
         status = row.get("status")
+        failed |= status == "failed"
         mark = {"ok": "ok  ", "unavailable": "no  ", "failed": "FAIL"}.get(status, "?   ")
         version = f" {row.get('library')} {row.get('library_version')}" if row.get("library_version") else ""
         print(f"[{mark}] {row['name']}{version}")
         if row.get("reason"):
             print(f"       {row.get('reason')}")
-            if row.get("hint"):
-                print(f"       {row['hint']}")
+        if status == "failed":
+            for line in row.get("traceback", "").strip().splitlines()[-3:]:
+                print(f"       | {line}")
+            print("       Fix or uninstall the plugin, or leave it out: QADAPT_LOAD_PLUGINS=<the plugins you want>")
+        elif row.get("hint") and row.get("reason"):
+            print(f"       {row['hint']}")
     if report["known_bad_installs"]:
         print("\nKnown bad installs:")
         for item in report["known_bad_installs"]:
             print(f"  - {item['problem']}\n    fix: {item['fix']}")
-    return 0
+    return 1 if failed or report["known_bad_installs"] else 0

@@ -7,6 +7,7 @@ import sys
 
 from ..capabilities import OPERATIONS
 from ..testing.matrix import declared_rows, verify
+from . import check_backend_names
 
 
 def add_parser(commands) -> None:
@@ -18,6 +19,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
+    check_backend_names(args.backend)
     if args.verify:
         outcome = verify(args.backend)
         outcome["command"] = " ".join(["qadapt", "matrix", "--verify"] + [f"--backend {b}" for b in args.backend or ()])
@@ -34,6 +36,9 @@ def run(args) -> int:
                 print(f"{row['backend']:<8} {opts:<26} {row.get('method', '-'):<8} {row.get('operation', '-'):<18} "
                       f"{row['outcome']:<20} {row.get('detail', '')}")
             print(f"\n{len(outcome['results'])} checks, {len(failed)} failed")
+        if not outcome["results"]:
+            print("qadapt matrix: nothing was checked (no backend is registered here)", file=sys.stderr)
+            return 1
         return 1 if failed else 0
     rows = declared_rows(args.backend)
     if args.json:

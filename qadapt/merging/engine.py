@@ -88,12 +88,14 @@ def targets(layers, backend, method, adapter_name) -> list[Target]:
     return found
 
 
-def build(model, inner, backend, strategy, candidate: Candidate, found: list[Target], hessians, batch, reference) -> Built:
+def build(model, inner, backend, strategy, candidate: Candidate, found: list[Target], hessians, batch, reference,
+          report) -> Built:
     """Every adapted layer merged the candidate's way, the model run with them in place (and put back), measured."""
     import torch
 
     swaps, layers = {}, []
     for target in found:
+        report.advance(f"{candidate.label or strategy} {target.name}")
         if strategy == "dequantize":
             new_base = full_precision_linear(target.base, target.merged, inner)
         else:
@@ -162,14 +164,17 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
     from .plan import candidates
     from .report import MergeReport
 
+    from .. import progress
+
     inner = base_model(model)
     batch = measure_batch(inner, calibration)
     layers = tuner_layers(inner, record.adapter_name)
     plan = candidates(backend, strategy, policy, calibration is not None)
-    with torch.no_grad():
+    with torch.no_grad(), progress.step(f"merge {record.method!r} ({strategy})", total=len(plan) * len(layers)) as steps:
         reference, hessians = reference_outputs(model, layers, batch, any(c.with_inputs for c in plan))
         found = targets(layers, backend, record.method, record.adapter_name)
-        tried = [build(model, inner, backend, strategy, candidate, found, hessians, batch, reference) for candidate in plan]
+        tried = [build(model, inner, backend, strategy, candidate, found, hessians, batch, reference, steps)
+                 for candidate in plan]
     best = tried[0]
     for built in tried[1:]:
         if built.output_error < best.output_error:
@@ -181,7 +186,10 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
         raise MergeRefusedError(
             f"merge {record.method!r} with strategy={strategy!r}, max_error={max_error}",
             f"the merged model's output error is {best.output_error:.3g}, above max_error (nothing was changed)",
-            "Use strategy='dequantize' for an exact merge, raise max_error, or keep the adapter separate",
+            "Look at the refusal's .report for the layers that lost most; pass calibration= text like the training "
+            "data (a random batch overstates the error); use strategy='dequantize' for an exact merge, raise "
+            "max_error, or keep the adapter separate",
+            report=report,
         )
     state = MergeState(strategy=strategy, adapter_name=record.adapter_name, report=report)
     apply(inner, state, best.swaps)

@@ -24,9 +24,11 @@ def candidates(backend, strategy: str, policy: str | None, has_calibration: bool
     """The candidates of a merge, in the order they are tried (on equal output error the first is kept).
 
     ``"dequantize"`` has one exact candidate. A backend that offers no policy has one. An asked ``policy`` is the only
-    candidate. Otherwise qadapt tries ``"fresh"`` (PEFT's own arithmetic) and ``"best"``, and with calibration text and
-    a backend that rounds with input statistics, ``"best"`` with them too, and keeps the lowest output error: never
-    worse on the calibration batch than PEFT's merge.
+    candidate. Otherwise qadapt tries ``"fresh"`` (PEFT's own arithmetic) and ``"best"``, and keeps the lower output
+    error: never worse on the calibration batch than PEFT's merge. With calibration text and a backend that rounds
+    with input statistics, ``"best"`` runs with them (``"best+inputs"``): per layer it keeps whichever of the fresh,
+    best and GPTQ-style roundings has the lowest output error on those inputs, so ``"best"`` alone would only repeat
+    its work (it was half of a bitsandbytes merge's time).
     """
     if strategy == "dequantize":
         return [Candidate("exact")]
@@ -37,5 +39,5 @@ def candidates(backend, strategy: str, policy: str | None, has_calibration: bool
         return [Candidate(policy, policy)]
     found = [Candidate(name, name) for name in ("fresh", "best") if name in offered] or [Candidate(offered[0], offered[0])]
     if has_calibration and backend.requantize_uses_inputs and "best" in offered:
-        found.append(Candidate("best+inputs", "best", with_inputs=True))
+        found = [c for c in found if c.label != "best"] + [Candidate("best+inputs", "best", with_inputs=True)]
     return found

@@ -1,0 +1,80 @@
+"""Progress lines for slow steps: nothing for a step that ends within two seconds, then a line per update at most
+every second, with the elapsed time, and a closing line.
+
+    with progress.step("merge 'lora' on bnb", total=len(layers)) as report:
+        for name in layers:
+            ...
+            report.advance(name)
+
+Lines go to stderr (``qadapt: merge 'lora' on bnb: 7/14 model.layers.3.mlp.up_proj (2.4 s)``).
+``QADAPT_PROGRESS=0`` turns them off; ``QADAPT_PROGRESS=1`` prints every step, however short.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+#: a step is quiet until it has run this long
+AFTER_SECONDS = 2.0
+#: at most one line per this many seconds
+EVERY_SECONDS = 1.0
+
+
+def _mode() -> str:
+    value = os.environ.get("QADAPT_PROGRESS", "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    if value in ("1", "true", "yes", "on", "all"):
+        return "all"
+    return "slow"
+
+
+class Step:
+    """One slow step; :meth:`advance` after each unit of work."""
+
+    def __init__(self, what: str, total: int | None, stream) -> None:
+        self.what, self.total, self.stream = what, total, stream
+        self.done = 0
+        self.started = time.monotonic()
+        self.last_line = None
+        self.mode = _mode()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def _due(self) -> bool:
+        if self.mode == "off":
+            return False
+        now = self.elapsed()
+        if self.mode == "slow" and now < AFTER_SECONDS:
+            return False
+        return self.last_line is None or now - self.last_line >= EVERY_SECONDS or self.mode == "all"
+
+    def _write(self, text: str) -> None:
+        self.last_line = self.elapsed()
+        try:
+            print(f"qadapt: {self.what}: {text} ({self.elapsed():.1f} s)", file=self.stream, flush=True)
+        except Exception:  # a closed or broken stream never breaks the work
+            pass
+
+    def advance(self, detail: str = "", count: int = 1) -> None:
+        self.done += count
+        if self._due():
+            of = f"/{self.total}" if self.total else ""
+            self._write(f"{self.done}{of} {detail}".rstrip())
+
+    def finish(self) -> None:
+        if self.last_line is not None or (self.mode == "all") or (self.mode == "slow" and self.elapsed() >= AFTER_SECONDS):
+            if self.mode != "off":
+                self._write("done")
+
+
+@contextmanager
+def step(what: str, total: int | None = None, stream=None):
+    """A slow step named ``what`` (``total`` units if known): see the module docstring."""
+    current = Step(what, total, stream or sys.stderr)
+    yield current
+    current.finish()
