@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import adapters, checkpoint, proxy
+from . import adapters, checkpoint, proxy, quiet
 from .capabilities import MERGE_STRATEGIES, METHODS
 from .errors import IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
@@ -109,7 +109,7 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
     adapters.register_custom_layers(config, backend)
     if method in backend.proxy_methods:
         proxy.wrap(model, adapters.proxy_targets(model, targets), backend)
-    with adapters.fast_dispatch(backend):
+    with adapters.fast_dispatch(backend), quiet.known_warnings():
         peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     adapters.freeze_constants(peft_model)
     record.method, record.adapter_name = method, adapter_name

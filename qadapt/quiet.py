@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import warnings
+from contextlib import contextmanager
 
 #: (warning category, message pattern, why it is harmless)
 WARNING_MESSAGES = (
@@ -38,9 +39,21 @@ def verbose() -> bool:
     return os.environ.get("QADAPT_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
 
 
+@contextmanager
+def known_warnings():
+    """Within the block, the known harmless warnings (``WARNING_MESSAGES``) are not shown: wrap the library calls
+    that emit them (PEFT's attach)."""
+    with warnings.catch_warnings():
+        if not verbose():
+            for category, pattern, _why in WARNING_MESSAGES:
+                warnings.filterwarnings("ignore", message=f".*{pattern}", category=category)
+        yield
+
+
 def install(log_messages=()) -> None:
-    """Install the filters (no-op with ``QADAPT_VERBOSE=1``): the warnings below once per process, and
-    ``log_messages``, ``(logger name, message pattern, why)`` triples, each once."""
+    """Install the log filters (no-op with ``QADAPT_VERBOSE=1``): ``(logger name, message pattern, why)``
+    triples, each once per process; and the known warnings for the process (the API also scopes them to its own
+    calls with :func:`known_warnings`, which survives test runners resetting warning filters)."""
     global _installed
     if verbose():
         return

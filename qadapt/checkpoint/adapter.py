@@ -40,8 +40,10 @@ def load_adapter(model, adapter_dir: str, *, strict: bool = True, is_trainable: 
         from ..proxy import wrap
 
         wrap(model, adapters.proxy_targets(model, config.target_modules), backend)
+    from ..quiet import known_warnings
+
     try:
-        with adapters.fast_dispatch(backend):
+        with adapters.fast_dispatch(backend), known_warnings():
             peft_model = peft.PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
     except Exception as exc:
         raise CheckpointError(f"load adapter {adapter_dir!r}", f"PEFT could not load it ({type(exc).__name__}: {exc})",
