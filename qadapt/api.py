@@ -162,6 +162,12 @@ def merge(model, strategy: str = "requantize", *, max_error: float | None = None
 def unmerge(model) -> None:
     """Undo :func:`merge`: the original quantized modules go back, bit for bit, and the adapter is active again."""
     record = get_record(model)
+    if record.merge is None and record.merged_when_saved:
+        merged = record.merged_when_saved
+        raise InvalidOptionError(
+            "unmerge", f"this model was loaded from a checkpoint saved after a {merged.get('strategy')!r} merge of its "
+            f"{merged.get('method')!r} adapter: the adapter is part of its weights and the original quantized weights "
+            "are not in the checkpoint", "Load the checkpoint saved before the merge (with its adapter) to unmerge")
     if record.merge is None:
         raise InvalidOptionError("unmerge", "the adapter is not merged", "Nothing to do")
     engine.restore(base_model(model), record.merge)

@@ -16,6 +16,7 @@ class Record:
     method: str | None = None
     adapter_name: str = "default"
     merge: Any = None  # a qadapt.merging.MergeState while merged
+    merged_when_saved: Any = None  # for a model loaded from a merged checkpoint: its manifest's "merged" entry
 
     def describe(self) -> dict:
         return {"backend": self.backend, "options": self.options, "library_version": self.library_version}

@@ -173,3 +173,13 @@ def test_documented_fast_hqq_path_gives_the_default_paths_loss_and_gradients(tin
     assert fast_grads.keys() == default_grads.keys() and len(fast_grads) > 0
     for name, grad in default_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unmerge_of_a_reloaded_merged_checkpoint_says_the_adapter_is_baked_in(tiny_dir, tmp_path):
+    backend_ready("hqq")
+    model = qadapt.attach(qadapt.load(tiny_dir, backend="hqq"), "lora", init_lora_weights=False)
+    qadapt.merge(model)
+    reloaded = qadapt.load(qadapt.save(model, tmp_path / "merged"))
+    with pytest.raises(qadapt.InvalidOptionError, match="part of its weights") as raised:
+        qadapt.unmerge(reloaded)
+    assert "before the merge" in raised.value.hint

@@ -32,7 +32,8 @@ def load(path: str):
     except Exception as exc:
         raise CheckpointError(f"load {path!r}", f"backend '{backend.name}' could not read base/ ({type(exc).__name__}: {exc})",
                               "Check that the backend's library version matches the one in qadapt.json") from exc
-    record = Record(backend=name, options=options, library_version=backend_info.get("library_version"))
+    record = Record(backend=name, options=options, library_version=backend_info.get("library_version"),
+                    merged_when_saved=manifest.get("merged"))
     set_record(model, record)
     if manifest.get("adapter"):
         return load_adapter(model, os.path.join(path, "adapter"), strict=True)

@@ -45,7 +45,11 @@ class MergeReport:
             tried = ", ".join(f"{name} {error:.2e}" for name, error in self.candidates.items())
             lines.append(f"  policy kept: {self.policy} (output error of each tried: {tried})")
         worst = sorted(self.layers, key=lambda layer: layer.kept_error, reverse=True)[:5]
-        lines += [f"  {layer.name}: kept {layer.kept:.1%} of ||dW||={layer.delta_norm:.3e}" for layer in worst]
+        if worst:
+            lines.append(f"  the {len(worst)} layers that kept least of the adapter's weight change"
+                         + (f" (of {len(self.layers)}; report.layers has all)" if len(self.layers) > len(worst) else "")
+                         + ":")
+        lines += [f"    {layer.name}: kept {layer.kept:.1%} of ||dW||={layer.delta_norm:.3e}" for layer in worst]
         return "\n".join(lines)
 
 
