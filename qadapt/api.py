@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import adapters, checkpoint, proxy, quiet
+from . import adapters, checkpoint, progress, proxy, quiet
 from .capabilities import MERGE_STRATEGIES, METHODS
 from .errors import IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
@@ -38,7 +38,8 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
                 "this is a qadapt checkpoint: it records its own backend and options",
                 "Call qadapt.load(path) alone",
             )
-        return checkpoint.load(model)
+        with progress.step(f"load checkpoint {model!r}", heartbeat=True):
+            return checkpoint.load(model)
     if backend is None:
         raise InvalidOptionError(
             "load without a backend",
@@ -52,7 +53,8 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
             f"load {model!r}", "no such folder (qadapt never downloads models)", "Pass a local folder or a PreTrainedModel"
         )
     if isinstance(model, str) and quant.is_quantized_checkpoint(model):
-        loaded = quant.load(model, resolved)
+        with progress.step(f"load {model!r} with {backend}", heartbeat=True):
+            loaded = quant.load(model, resolved)
     else:
         batches = _calibration_batches(calibration, tokenizer)
         if quant.needs_calibration(resolved) and not batches:
@@ -61,7 +63,8 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
                 f"'{backend}' needs calibration data",
                 "Pass calibration=[texts...] with tokenizer=..., or a list of token-id tensors",
             )
-        loaded = quant.quantize(model, resolved, calibration=batches)
+        with progress.step(f"quantize with {backend}" + (" (calibrating)" if batches else ""), heartbeat=True):
+            loaded = quant.quantize(model, resolved, calibration=batches)
     set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version()))
     return loaded
 
@@ -179,7 +182,8 @@ def save(model, path, *, overwrite: bool = False) -> str:
     """Save the quantized base, the adapter (unless merged into the base) and ``qadapt.json``: backend, library
     version, options, adapter method, merge report, and a checksum of every file. Written to a temporary folder and
     renamed into place; an existing non-empty ``path`` is refused unless ``overwrite=True``."""
-    return checkpoint.save(model, os.fspath(path), overwrite=overwrite)
+    with progress.step(f"save to {os.fspath(path)!r}", heartbeat=True):
+        return checkpoint.save(model, os.fspath(path), overwrite=overwrite)
 
 
 def load_adapter(model, path, *, strict: bool = True, is_trainable: bool = False):

@@ -6,6 +6,9 @@ every second, with the elapsed time, and a closing line.
             ...
             report.advance(name)
 
+A step whose work gives no updates (a library's own quantizer, a save) passes ``heartbeat=True``: a line every five
+seconds says it is still running.
+
 Lines go to stderr (``qadapt: merge 'lora' on bnb: 7/14 model.layers.3.mlp.up_proj (2.4 s)``).
 ``QADAPT_PROGRESS=0`` turns them off; ``QADAPT_PROGRESS=1`` prints every step, however short.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -21,6 +25,8 @@ from contextlib import contextmanager
 AFTER_SECONDS = 2.0
 #: at most one line per this many seconds
 EVERY_SECONDS = 1.0
+#: a heartbeat line every this many seconds
+HEARTBEAT_SECONDS = 5.0
 
 
 def _mode() -> str:
@@ -66,6 +72,15 @@ class Step:
             of = f"/{self.total}" if self.total else ""
             self._write(f"{self.done}{of} {detail}".rstrip())
 
+    def beat(self, stop: threading.Event) -> None:
+        """Heartbeat lines until ``stop`` is set (run in a daemon thread)."""
+        if self.mode == "off" or stop.wait(AFTER_SECONDS):
+            return
+        while not stop.is_set():
+            self._write("still running")
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
     def finish(self) -> None:
         if self.last_line is not None or (self.mode == "all") or (self.mode == "slow" and self.elapsed() >= AFTER_SECONDS):
             if self.mode != "off":
@@ -73,8 +88,17 @@ class Step:
 
 
 @contextmanager
-def step(what: str, total: int | None = None, stream=None):
+def step(what: str, total: int | None = None, stream=None, heartbeat: bool = False):
     """A slow step named ``what`` (``total`` units if known): see the module docstring."""
     current = Step(what, total, stream or sys.stderr)
-    yield current
+    stop = threading.Event()
+    beating = threading.Thread(target=current.beat, args=(stop,), daemon=True) if heartbeat else None
+    if beating is not None:
+        beating.start()
+    try:
+        yield current
+    finally:
+        stop.set()
+        if beating is not None:
+            beating.join()
     current.finish()
