@@ -37,6 +37,8 @@ class AqlmBackend(QuantBackend):
     name = "aqlm"
     proxy_methods = ("dora", "adalora", "ia3")
     peft_dispatchers = ("dispatch_aqlm",)
+    #: a short codebook fit for the demo (the default 20 k-means iterations and 3 passes take ~90 s on 2 cores)
+    demo_options = {"num_codebooks": 2, "nbits_per_codebook": 8, "kmeans_iterations": 4, "refine_passes": 1}
     matrix_variants = ({"num_codebooks": 2, "nbits_per_codebook": 8}, {"num_codebooks": 1, "nbits_per_codebook": 8},
                        {"num_codebooks": 1, "nbits_per_codebook": 16})
     summary = "AQLM additive quantization (M codebooks of 2^B vectors per group of 8/16 weights; 2x8 = 2 bits)"

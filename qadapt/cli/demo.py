@@ -22,7 +22,7 @@ LEGEND = """\
 loss before / after: held-out loss of the tiny Llama before and after the training steps (LoRA r=8)
 weights MB: true storage of the quantized model's weights (qadapt.memory.storage_bytes)
 merge error: relative output error of the merged (re-quantized) model against the unmerged adapter model, on
-             held-out text; 'refused' where the backend cannot re-quantize (the reason follows)
+             held-out text; 'refused' where the backend cannot re-quantize (the numbered note says why)
 reload diff: largest |logit| difference after save + reload (0: identical)
 s: seconds for the row (load, train, merge, save, reload)"""
 
@@ -106,13 +106,13 @@ def _one(name, options, base_dir, batches, tmp, tokenizer, steps):
     with torch.no_grad():
         loss_after = model(input_ids=held_out, labels=held_out).loss.item()
         before_merge = model(input_ids=held_out).logits
-    merge = "-"
+    merge, merge_reason = "-", ""
     try:
         report = qadapt.merge(model, calibration=held_out[:2])
         merge = f"{report.output_error:.2e}"
         qadapt.unmerge(model)
     except qadapt.QadaptError as exc:
-        merge = f"refused ({exc.reason[:40]})"
+        merge, merge_reason = "refused", f"{exc.reason}. {exc.hint}"
     path = os.path.join(tmp, f"{name}-out")
     qadapt.save(model, path)
     reloaded = qadapt.load(path)
@@ -120,24 +120,37 @@ def _one(name, options, base_dir, batches, tmp, tokenizer, steps):
     with torch.no_grad():
         reload_error = (reloaded(input_ids=held_out).logits - before_merge).abs().max().item()
     return {"backend": name, "status": "ok", "loss_before": loss_before, "loss_after": loss_after,
-            "weight_mb": memory / 2**20, "merge_error": merge, "reload_max_diff": reload_error}
+            "weight_mb": memory / 2**20, "merge_error": merge, "merge_reason": merge_reason,
+            "reload_max_diff": reload_error}
 
 
 def _table(rows) -> str:
-    header = (f"{'backend':<9} {'loss before':>11} {'loss after':>10} {'weights MB':>10} {'merge error':>14} "
+    """The rows as a table; every long text (a refusal, a note, why a backend is unavailable) as a numbered note below
+    it, so the columns stay readable."""
+    width = max([len("backend")] + [len(r["backend"]) for r in rows])
+    header = (f"{'backend':<{width}} {'loss before':>11} {'loss after':>10} {'weights MB':>10} {'merge error':>11} "
               f"{'reload diff':>11} {'s':>5}  status")
-    lines = [header, "-" * len(header)]
+    lines, notes = [header, "-" * len(header)], []
+
+    def note(text: str) -> str:
+        notes.append(text)
+        return f"[{len(notes)}]"
+
     for r in rows:
+        seconds = f"{r['seconds']:>5.1f}" if "seconds" in r else f"{'-':>5}"
         if r["status"] == "ok":
-            note = f" ({r['note']})" if r.get("note") else ""
-            lines.append(f"{r['backend']:<9} {r['loss_before']:>11.3f} {r['loss_after']:>10.3f} {r['weight_mb']:>10.2f} "
-                         f"{r['merge_error']:>14} {r['reload_max_diff']:>11.1e} {r['seconds']:>5.1f}  ok{note}")
-        elif "seconds" in r:
-            lines.append(f"{r['backend']:<9} {'':>11} {'':>10} {'':>10} {'':>14} {'':>11} {r['seconds']:>5.1f}  {r['status']}")
+            merge = r["merge_error"]
+            if merge.startswith("refused"):
+                merge = f"refused {note(r['backend'] + ' merge: ' + r['merge_reason'])}"
+            status = "ok" + (f" {note(r['backend'] + ': ' + r['note'])}" if r.get("note") else "")
+            lines.append(f"{r['backend']:<{width}} {r['loss_before']:>11.3f} {r['loss_after']:>10.3f} "
+                         f"{r['weight_mb']:>10.2f} {merge:>11} {r['reload_max_diff']:>11.1e} {seconds}  {status}")
         else:
+            kind, _, why = r["status"].partition(": ")
             hint = f" {r['hint']}" if r.get("hint") else ""
-            lines.append(f"{r['backend']:<9} {'':>11} {'':>10} {'':>10} {'':>14} {'':>11} {'-':>5}  {r['status']}.{hint}")
-    return "\n".join(lines)
+            lines.append(f"{r['backend']:<{width}} {'':>11} {'':>10} {'':>10} {'':>11} {'':>11} {seconds}  "
+                         f"{kind} {note(r['backend'] + ': ' + why + hint)}")
+    return "\n".join(lines + [""] + [f"[{i}] {text}" for i, text in enumerate(notes, 1)])
 
 
 if __name__ == "__main__":  # pragma: no cover
