@@ -27,10 +27,10 @@ from .errors import (
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers: the real functions, with their signatures
-    from .api import attach, load, load_adapter, merge, save, unmerge
+    from .api import attach, load, load_adapter, merge, prepare, save, unmerge
 
 #: the user API, imported from :mod:`qadapt.api` on first use (``help(qadapt.load)`` shows the real signature)
-_API = ("load", "attach", "merge", "unmerge", "save", "load_adapter")
+_API = ("load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter")
 
 
 def __getattr__(name: str):
@@ -62,7 +62,7 @@ def get_backend(name: str) -> QuantBackend:
 
 
 __all__ = [
-    "load", "attach", "merge", "unmerge", "save", "load_adapter", "backends", "get_backend", "hookimpl",
+    "load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "backends", "get_backend", "hookimpl",
     "QuantBackend", "Option", "Environment", "Support", "METHODS", "OPERATIONS",
     "QadaptError", "UnknownBackendError", "BackendUnavailableError", "InvalidOptionError", "IncompatibleError",
     "MergeRefusedError", "CheckpointError", "__version__",

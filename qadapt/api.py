@@ -12,6 +12,7 @@ from .errors import IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
 from .plugins import backend_of, quiet_libraries, ready_backend
 from .record import Record, base_model, get_record, set_record
+from .training import prepare  # noqa: F401  (qadapt.prepare: the training switch, documented there)
 
 quiet_libraries()  # the known harmless messages of the backend libraries (QADAPT_VERBOSE=1 shows them)
 
@@ -192,4 +193,4 @@ def load_adapter(model, path, *, strict: bool = True, is_trainable: bool = False
     return checkpoint.load_adapter(model, os.fspath(path), strict=strict, is_trainable=is_trainable)
 
 
-__all__ = ["load", "attach", "merge", "unmerge", "save", "load_adapter", "QadaptError"]
+__all__ = ["load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "QadaptError"]

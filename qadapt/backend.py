@@ -271,6 +271,16 @@ class QuantBackend(abc.ABC):
         Required when a ``merge_dequantized`` cell says yes, or :attr:`proxy_methods` is not empty."""
         raise NotImplementedError(f"backend '{self.name}' cannot de-quantize")
 
+    def training_dequantizer(self, module: "torch.nn.Module"):
+        """A zero-argument function returning ``module``'s weight ``(out_features, in_features)``, freshly de-quantized,
+        in a floating dtype (the caller casts it to the compute dtype), cheap enough to run in every training forward
+        and again in the backward; or None where this layer has none. ``qadapt.prepare`` runs its fused LoRA layers
+        and frozen layers through it, so that no de-quantized weight lives across the step. It must compute the
+        weight the layer's own forward multiplies with (the fused paths are tested against the plain one), and read
+        the module's tensors when called, not when made (the model may have moved). Default: None (the layers keep
+        the backend's own forward, and ``qadapt.prepare`` says so)."""
+        return None
+
     def requantize(self, module: "torch.nn.Module", weight: "torch.Tensor") -> "torch.nn.Module":
         """A new layer in ``module``'s format and options holding ``weight`` (same bias); ``module`` is not changed.
         Required when a ``merge`` cell says yes. Backends that declare :attr:`requantize_policies` also take

@@ -33,6 +33,9 @@ class Unquantized(QuantBackend):
     def dequantize(self, module):
         return module.weight.detach().float()
 
+    def training_dequantizer(self, module):
+        return (lambda: module.weight) if getattr(module, "weight", None) is not None else None
+
     def requantize(self, module, weight):
         import torch
 

@@ -43,6 +43,13 @@ class _DequantMatmul:
         return DequantizedMatmul.apply(input, codes, codebooks, scales, bias)
 
 
+def training_weight(module):
+    """The layer's weight as aqlm's de-quantizing matmul computes it (``(out, in)``, the codebooks' dtype)."""
+    codebooks = module.codebooks
+    return _dequantize_weight(unpack_int_data(module.codes, codebooks.shape[1].bit_length() - 1), codebooks,
+                              module.scales)
+
+
 class DequantizedMatmul(torch.autograd.Function):
     """aqlm's de-quantizing function (``_dequantize_weight`` + ``F.linear``), the weight rebuilt in the backward
     rather than kept."""

@@ -540,6 +540,13 @@ class PackedLayersBackend:
     def dequantize(self, module):
         return self.dequantize_packed(module) if self.is_packed(module) else probe_weight(module)
 
+    def training_dequantizer(self, module):
+        """gptqmodel's torch kernel's own ``dequantize_weight()`` (``(in, out)``, transposed here); none for the
+        repacked serving kernels (Marlin refuses training)."""
+        if not self.is_packed(module) or not callable(getattr(module, "dequantize_weight", None)):
+            return None
+        return lambda: module.dequantize_weight().t()
+
     def requantize(self, module, weight):
         from qadapt.errors import InvalidOptionError
 

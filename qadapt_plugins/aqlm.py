@@ -247,6 +247,12 @@ class AqlmBackend(QuantBackend):
             module.codebooks.device
         )
 
+    def training_dequantizer(self, module):
+        """aqlm's own de-quantization (``_dequantize_weight``), what qadapt's AQLM training kernel runs."""
+        from ._aqlm_layers import training_weight
+
+        return lambda: training_weight(module)
+
     def requantize(self, module, weight):
         import torch
 

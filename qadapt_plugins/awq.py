@@ -128,6 +128,15 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
     def requantize_packed(self, module, weight):
         return requantize_awq(module, weight)
 
+    def training_dequantizer(self, module):
+        """gptqmodel's AWQ de-quantization (``dequantize_gemm``), what its torch kernel multiplies with."""
+        if not self.is_packed(module):
+            return None
+        from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+        return lambda: dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales,
+                                       bits=module.bits, group_size=module.group_size).t()
+
     def checkpoint_tensors(self, module):
         return _checkpoint_tensors(module)
 

@@ -156,6 +156,19 @@ class BitsAndBytesBackend(QuantBackend):
             return bnb.functional.dequantize_4bit(data, state).float()
         return dequantize_bnb_weight(weight, state=getattr(module, "state", None)).float()
 
+    def training_dequantizer(self, module):
+        """4-bit: ``bitsandbytes.functional.dequantize_4bit`` (what bitsandbytes' own MatMul4Bit runs in its forward
+        and again in its backward). 8-bit: none: LLM.int8's forward also rounds the activations, which a de-quantized
+        matmul would not reproduce (its own backward already re-uses the int8 weight)."""
+        import bitsandbytes as bnb
+
+        if not isinstance(module, bnb.nn.Linear4bit):
+            return None
+        state = getattr(module.weight, "quant_state", None)
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            return None  # not quantized yet, or repacked for bitsandbytes' CPU inference kernel
+        return lambda: bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
     def requantize(self, module, weight, policy="best", hessian=None):
         """A new layer holding ``weight``; ``policy`` (see qadapt.merging.requant): ``"fresh"`` quantizes ``weight``
         afresh as PEFT does; ``"grid"`` keeps the original scales (4-bit absmax blocks, 8-bit SCB rows) and rounds

@@ -212,6 +212,10 @@ class EETQBackend(QuantBackend):
     def dequantize(self, module):
         return module.dequantize().float()
 
+    def training_dequantizer(self, module):
+        """``q * scale`` in float16, the weight EETQ's kernel and the torch route multiply with."""
+        return module.dequantize
+
     def requantize(self, module, weight):
         from ._eetq_layers import EetqTorchLinear
 

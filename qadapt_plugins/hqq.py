@@ -137,6 +137,10 @@ class HQQBackend(QuantBackend):
     def dequantize(self, module):
         return module.dequantize().float()
 
+    def training_dequantizer(self, module):
+        """``HQQLinear.dequantize()`` (what HQQ's default training backend runs in its forward and backward)."""
+        return module.dequantize
+
     def requantize(self, module, weight, policy="best", hessian=None):
         """A new HQQLinear holding ``weight``; ``policy`` (see qadapt.merging.requant): ``"fresh"`` quantizes ``weight``
         afresh as PEFT does; ``"grid"`` keeps each group's scale and zero and rounds ``weight`` onto them; ``"best"``

@@ -253,6 +253,10 @@ class INCBackend(QuantBackend):
     def dequantize(self, module):
         return dequantize_layer(module).float()
 
+    def training_dequantizer(self, module):
+        """The weight INC's own forward computes with (``dequantize_layer``)."""
+        return lambda: dequantize_layer(module)
+
     def requantize(self, module, weight):
         return rtn_layer(weight, module, scheme=_scheme(module))
 

@@ -19,7 +19,8 @@ TIERS = [
     ("command line", ["qadapt.cli", "qadapt.__main__"]),
     ("conformance kit", ["qadapt.testing"]),
     ("user API", ["qadapt", "qadapt.api"]),
-    ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.merging", "qadapt.proxy", "qadapt.memory"]),
+    ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.merging", "qadapt.proxy", "qadapt.memory",
+                       "qadapt.training"]),
     ("plugin system", ["qadapt.plugins", "qadapt.hookspecs", "qadapt.backend", "qadapt.unquantized",
                        "qadapt.capabilities", "qadapt.record"]),
     ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.peft_layers", "qadapt.merging.requant", "qadapt._version",
@@ -163,7 +164,7 @@ def test_members_not_to_be_overridden_say_so():
 def test_the_top_level_functions_have_their_real_signatures():
     import qadapt.api
 
-    for name in ("load", "attach", "merge", "unmerge", "save", "load_adapter"):
+    for name in ("load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter"):
         assert getattr(qadapt, name) is getattr(qadapt.api, name)
         assert "options" not in inspect.signature(getattr(qadapt, name)).parameters or name in ("load", "attach")
     assert "max_error" in inspect.signature(qadapt.merge).parameters

@@ -1,0 +1,271 @@
+"""``qadapt.prepare``: plan every part (what runs where, what falls back and why), refuse under ``strict`` before any
+change, then apply; a second call replaces the first, ``mode="off"`` undoes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import IncompatibleError, InvalidOptionError
+from ..plugins import backend_of
+from ..proxy import unwrap
+from ..record import base_model, get_record
+from . import checkpointing, compiling, dequant, dtypes, lora, loss, mlp, norm
+from .patching import Patches
+from .report import PartReport, PrepareReport
+from .settings import resolve
+
+STATE = "_qadapt_training"
+
+
+@dataclass
+class _State:
+    settings: object
+    patches: Patches
+    report: PrepareReport
+
+
+def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, upcast=None, lora=None, mlp=None,
+            norm=None, loss=None, compile=None, dequant=None, loss_chunk=None, strict: bool = False) -> PrepareReport:
+    """Put ``model`` (any backend or full precision; a ``peft.PeftModel`` from :func:`qadapt.attach`, or a base model
+    before an adapter is attached) in its training configuration, in place; returns what was done.
+
+    ``mode``: ``"default"`` is PEFT's ``prepare_model_for_kbit_training`` for every backend: each decoder layer
+    recomputed in the backward (``checkpoint="recompute"``), input gradients on, float16 norms/embeddings/head upcast;
+    a model without an adapter is frozen. ``"fast"``: the fastest low-memory configuration: no recompute, fused LoRA
+    layers that de-quantize again in the backward (``lora="fused"``, ``dequant="recompute"``), a fused SwiGLU MLP
+    (``mlp="fused"``), a lean RMSNorm (``norm="lean"``, Liger's kernel on CUDA), a loss that never materialises the
+    logits (``loss="auto"``: Liger's fused linear cross-entropy on CUDA, else cut-cross-entropy, else qadapt's
+    chunked torch loss). ``"lean"``: ``"fast"`` with the layer inputs offloaded to host memory
+    (``checkpoint="offload"``). ``"off"``: undo a previous call.
+
+    Every part can be set on its own (``None``: the mode's choice): ``checkpoint`` ("off", "recompute", "offload" or
+    a bool), ``input_grads`` (bool), ``upcast`` ("auto", "all", "none"), ``lora`` ("peft", "fused"), ``mlp`` ("off",
+    "fused"), ``norm`` ("off", "lean"), ``loss`` ("off", "auto", "liger", "cce", "torch"), ``compile`` ("off",
+    "regional": each decoder layer compiled), ``dequant`` ("backend", "recompute", "cache": keep the de-quantized
+    weight from the forward for the backward, faster, at bf16 weight memory), ``loss_chunk`` (rows per loss chunk).
+
+    A part that cannot apply somewhere (an architecture whose module computes something else, a layer whose backend
+    has no training route, a library not installed) falls back to the plain path there and the report says so;
+    ``strict=True`` refuses instead, with :class:`qadapt.IncompatibleError`, before anything is changed.
+    """
+    parts = dict(checkpoint=checkpoint, input_grads=input_grads, upcast=upcast, lora=lora, mlp=mlp, norm=norm,
+                 loss=loss, compile=compile, dequant=dequant)
+    inner = base_model(model)
+    if mode == "off":
+        given = sorted(k for k, v in {**parts, "loss_chunk": loss_chunk}.items() if v is not None)
+        if given:
+            raise InvalidOptionError(f"prepare(mode='off', {given[0]}=...)", "mode='off' undoes a previous prepare",
+                                     "Leave the other options out")
+        unprepare(model)
+        return PrepareReport(mode="off", backend=get_record(model).backend or "none (full precision)",
+                             model=type(inner).__name__)
+    settings = resolve(mode, parts, loss_chunk)
+    previous = inner.__dict__.pop(STATE, None)
+    if previous is not None:
+        previous.patches.undo()
+    try:
+        report, steps = plan(model, settings)
+        if strict and report.fallbacks:
+            raise _refusal(mode, report)
+    except Exception:
+        if previous is not None:  # refused: the model goes back to how the previous call left it
+            _apply(inner, previous.settings, *plan(model, previous.settings))
+        raise
+    _apply(inner, settings, report, steps)
+    return report
+
+
+def unprepare(model) -> None:
+    """Undo :func:`prepare` (every forward, hook, dtype and flag it changed); nothing to do if it was not called."""
+    state = base_model(model).__dict__.pop(STATE, None)
+    if state is not None:
+        state.patches.undo()
+
+
+def report_of(model) -> PrepareReport | None:
+    """The report of the :func:`prepare` call in force on ``model`` (None if there is none)."""
+    state = base_model(model).__dict__.get(STATE)
+    return None if state is None else state.report
+
+
+def _apply(inner, settings, report, steps) -> None:
+    patches = Patches()
+    for step in steps:
+        step(patches)
+    inner.__dict__[STATE] = _State(settings, patches, report)
+
+
+def _refusal(mode, report) -> IncompatibleError:
+    found = report.fallbacks
+    shown = "; ".join(f"{part}: {module or 'the whole part'}: {reason}" for part, module, reason in found[:3])
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return IncompatibleError(f"prepare(mode={mode!r}, strict=True) on {report.model} (backend {report.backend!r})",
+                             f"{len(found)} part(s) would fall back: {shown}{more}",
+                             "Pass strict=False to accept the fallbacks (the report lists each), or switch those "
+                             "parts off")
+
+
+def plan(model, settings):
+    """(report, steps): what each part will do, and the functions that do it (each takes the Patches)."""
+    import peft
+
+    inner = base_model(model)
+    record = get_record(model)
+    backend = backend_of(record)
+    report = PrepareReport(mode=settings.mode, backend=record.backend or "none (full precision)",
+                           model=type(inner).__name__)
+    on_cuda = getattr(inner, "device", None) is not None and inner.device.type == "cuda"
+    steps = []
+    has_adapter = isinstance(model, peft.PeftModel) or bool(getattr(inner, "peft_config", None))
+
+    # dtypes and freezing (PEFT's kbit preparation)
+    part = report.add(PartReport("upcast", settings.upcast))
+    params = dtypes.to_upcast(inner, backend, settings.upcast, has_adapter)
+    if params:
+        part.how = "float32 for the half-precision parameters outside quantized layers (norms, embeddings, head)"
+        part.modules = [name for name, _ in params]
+        part.notes.append("a checkpoint saved from this model stores them in float32")
+        steps.append(lambda p: dtypes.upcast(p, params))
+    elif settings.upcast == "auto":
+        part.notes.append(f"nothing to upcast: the model is {inner.dtype} ('all' would cast bfloat16 too)")
+    if not has_adapter:
+        part = report.add(PartReport("freeze", "on", how="every base parameter frozen (no adapter attached yet)"))
+        steps.append(lambda p: dtypes.freeze(p, inner))
+
+    # checkpointing and input gradients
+    part = report.add(PartReport("checkpoint", settings.checkpoint))
+    if settings.checkpoint != "off":
+        why = checkpointing.supports(inner)
+        if why:
+            part.fallbacks[""] = why
+        else:
+            part.how = {"recompute": "each decoder layer recomputed in the backward (torch.utils.checkpoint, "
+                                     "non-reentrant)",
+                        "offload": "each decoder layer recomputed in the backward from its input kept in pinned host "
+                                   "memory (copied on a side CUDA stream)"}[settings.checkpoint]
+            part.modules = [n for n, _ in compiling.layers(inner)]
+            if settings.checkpoint == "offload" and not on_cuda:
+                part.notes.append("not on CUDA: the host copy is a plain copy in the same memory")
+            steps.append(lambda p: checkpointing.enable(p, inner, settings.checkpoint))
+    part = report.add(PartReport("input_grads", "on" if settings.input_grads else "off"))
+    if settings.input_grads:
+        if inner.get_input_embeddings() is None:
+            part.fallbacks[""] = "the model has no input embeddings"
+        else:
+            part.how = "the input embeddings' output requires grad (PEFT's convention for reentrant checkpointing)"
+            steps.append(lambda p: checkpointing.input_grads(p, inner))
+
+    # fused LoRA layers, then quantized layers left to their backend's forward
+    part = report.add(PartReport("lora", settings.lora))
+    keep = settings.dequant == "cache"
+    fused = []
+    if settings.lora == "fused":
+        found = lora.lora_layers(inner)
+        if not found:
+            part.fallbacks[""] = ("no LoRA layers (attach a 'lora' adapter first: qadapt.attach(model, 'lora'); "
+                                  f"the model's adapter method is {record.method!r})")
+        for name, layer in found:
+            why = lora.eligible(layer, backend)
+            if why:
+                part.fallbacks[name] = why
+            else:
+                fused.append((name, layer))
+        if fused:
+            part.how = "qadapt LoRALinearFn (base + adapter in one Function), weight " + (
+                "kept from the forward for the backward" if keep else "de-quantized again in the backward")
+            part.modules = [n for n, _ in fused]
+            steps.append(lambda p: [lora.fuse(p, layer, backend, keep) for _, layer in fused])
+    part = report.add(PartReport("dequant", settings.dequant))
+    if settings.dequant != "backend":
+        under_fused = {id(unwrap(layer.get_base_layer())) for _, layer in fused}
+        routed = []
+        for name, module in inner.named_modules():
+            if not backend.is_quantized_layer(module) or id(module) in under_fused:
+                continue
+            if backend.training_dequantizer(module) is None:
+                part.fallbacks[name] = "kept the backend's own forward: " + dequant.why_not(backend, module)
+            else:
+                routed.append((name, module))
+        if routed:
+            part.how = "qadapt FrozenLinearFn through the backend's training route, weight " + (
+                "kept for the backward" if keep else "de-quantized again in the backward")
+            part.modules = [n for n, _ in routed]
+            steps.append(lambda p: [dequant.route(p, m, backend, keep) for _, m in routed])
+        elif fused and not part.fallbacks:
+            part.notes.append("every quantized layer runs inside a fused LoRA layer")
+
+    # fused SwiGLU MLP
+    part = report.add(PartReport("mlp", settings.mlp))
+    if settings.mlp == "fused":
+        fused_layers = {layer for _, layer in fused}  # modules hash by identity
+        found = mlp.candidates(inner)
+        if not found:
+            part.fallbacks[""] = "no module with gate_proj, up_proj, down_proj and act_fn (not a SwiGLU MLP model)"
+        chosen = []
+        for name, module in found:
+            why = mlp.eligible(module, fused_layers)
+            if why:
+                part.fallbacks[name] = why
+            else:
+                chosen.append((name, module))
+        if chosen:
+            part.how = "qadapt LoRASwiGLUFn (saves x, gate and up; silu(gate) * up recomputed in the backward" + (
+                ", Liger's SwiGLU kernels there)" if on_cuda and mlp._liger_swiglu() else ")")
+            part.modules = [n for n, _ in chosen]
+            steps.append(lambda p: [mlp.fuse(p, m) for _, m in chosen])
+
+    # lean RMSNorm
+    part = report.add(PartReport("norm", settings.norm))
+    if settings.norm == "lean":
+        found = norm.candidates(inner)
+        if not found:
+            part.fallbacks[""] = "no RMSNorm module in the model"
+        chosen = []
+        for name, module in found:
+            why = norm.eligible(module)
+            if why:
+                part.fallbacks[name] = why
+            else:
+                chosen.append((name, module))
+        liger = None
+        if on_cuda:
+            liger, why = norm.liger_rms_norm()
+            if liger is None:
+                part.notes.append(f"qadapt's torch RMSNormFn instead of Liger's kernel: {why}")
+        if chosen:
+            part.how = "Liger's RMSNorm kernel (casting mode 'llama')" if liger else "qadapt RMSNormFn (torch)"
+            part.modules = [n for n, _ in chosen]
+            steps.append(lambda p: [norm.lean(p, m, liger) for _, m in chosen])
+
+    # the loss
+    part = report.add(PartReport("loss", settings.loss))
+    if settings.loss != "off":
+        if loss.trl_fused_head(inner):
+            part.how = "left to TRL's fused LM head (SFTTrainer added it; qadapt's loss steps aside)"
+        else:
+            why = loss.eligible(inner)
+            if why:
+                part.fallbacks[""] = why
+            else:
+                impl, summed, notes, fallback = loss.choose(settings.loss, on_cuda)
+                chunk = settings.loss_chunk or loss.auto_chunk(inner.get_output_embeddings().weight.shape[0])
+                part.how = {"liger": "Liger's fused linear cross-entropy", "cce": "cut-cross-entropy (impl 'cce')",
+                            "torch": f"qadapt ChunkedLinearCE ({chunk} rows a chunk)"}[impl] + \
+                    "; training forwards with labels return logits=None"
+                part.notes.extend(notes)
+                if fallback:
+                    part.fallbacks[""] = fallback + "; qadapt's chunked torch loss runs instead"
+                steps.append(lambda p: loss.install(p, inner, report, summed, chunk))
+
+    # regional compilation
+    part = report.add(PartReport("compile", settings.compile))
+    if settings.compile == "regional":
+        found = compiling.layers(inner)
+        if not found:
+            part.fallbacks[""] = "no decoder layers (GradientCheckpointingLayer) to compile"
+        else:
+            part.how = "torch.compile on each decoder layer (the first steps compile)"
+            part.modules = [n for n, _ in found]
+            steps.append(lambda p: compiling.compile_layers(p, found))
+    return report, steps
+

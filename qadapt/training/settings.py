@@ -1,0 +1,97 @@
+"""The switches of :func:`qadapt.prepare`: the modes, each part's choices, and their validation (before any change)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..errors import InvalidOptionError
+
+#: each part's choices; the first word of each is "nothing changed" where the part has such a choice
+CHOICES = {
+    "checkpoint": ("off", "recompute", "offload"),
+    "input_grads": (True, False),
+    "upcast": ("auto", "all", "none"),
+    "lora": ("peft", "fused"),
+    "mlp": ("off", "fused"),
+    "norm": ("off", "lean"),
+    "loss": ("off", "auto", "liger", "cce", "torch"),
+    "compile": ("off", "regional"),
+    "dequant": ("backend", "recompute", "cache"),
+}
+
+#: "default" is PEFT's ``prepare_model_for_kbit_training`` for every backend (gradient checkpointing that recomputes
+#: each decoder layer, input gradients, half-precision norms and embeddings upcast where the model is float16);
+#: "fast" adds qadapt's kernels and drops the recompute; "lean" is "fast" with the layer inputs kept on the host.
+MODES = {
+    "default": dict(checkpoint="recompute", input_grads=True, upcast="auto", lora="peft", mlp="off", norm="off",
+                    loss="off", compile="off", dequant="backend"),
+    "fast": dict(checkpoint="off", input_grads=False, upcast="auto", lora="fused", mlp="fused", norm="lean",
+                 loss="auto", compile="off", dequant="recompute"),
+}
+MODES["lean"] = dict(MODES["fast"], checkpoint="offload")
+#: booleans accepted for parts with an "off" choice
+_ON = {"checkpoint": "recompute", "mlp": "fused", "norm": "lean", "loss": "auto", "compile": "regional"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    checkpoint: str
+    input_grads: bool
+    upcast: str
+    lora: str
+    mlp: str
+    norm: str
+    loss: str
+    compile: str
+    dequant: str
+    loss_chunk: int | None = None
+
+    def describe(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def resolve(mode: str, parts: dict, loss_chunk=None) -> Settings:
+    """The settings for ``mode`` with ``parts`` (None: the mode's choice) overriding it, or InvalidOptionError."""
+    if mode not in MODES:
+        raise InvalidOptionError(f"prepare(mode={mode!r})", "unknown mode",
+                                 f"Choose one of {', '.join(repr(m) for m in [*MODES, 'off'])}")
+    chosen = dict(MODES[mode])
+    for part, value in parts.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) and part in _ON:
+            value = _ON[part] if value else "off"
+        if value not in CHOICES[part]:
+            raise InvalidOptionError(f"prepare({part}={value!r})", f"{part} must be one of "
+                                     f"{', '.join(map(repr, CHOICES[part]))}", _HELP[part])
+        chosen[part] = value
+    if chosen["mlp"] == "fused" and chosen["lora"] != "fused":
+        raise InvalidOptionError("prepare(mlp='fused', lora='peft')", "the fused MLP runs the fused LoRA layers of "
+                                 "its three projections", "Pass lora='fused', or mlp='off'")
+    if chosen["lora"] == "fused" and chosen["dequant"] == "backend":
+        raise InvalidOptionError("prepare(lora='fused', dequant='backend')", "the fused LoRA layers de-quantize "
+                                 "through the backend's training route; dequant='backend' leaves every layer to the "
+                                 "backend's own forward", "Pass dequant='recompute' (or 'cache'), or lora='peft'")
+    if loss_chunk is not None and (isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 1):
+        raise InvalidOptionError(f"prepare(loss_chunk={loss_chunk!r})", "expected a positive number of rows",
+                                 "Leave it out: qadapt sizes the chunks from the vocabulary (256 MiB of logits)")
+    return Settings(mode=mode, loss_chunk=loss_chunk, **chosen)
+
+
+_HELP = {
+    "checkpoint": "'recompute': each decoder layer recomputed in the backward; 'offload': also its input kept in "
+                  "host memory; 'off' (or False): no checkpointing",
+    "input_grads": "True: the input embeddings' output requires grad (what reentrant checkpointing needs)",
+    "upcast": "'auto': float16 models get float32 norms, embeddings and head (PEFT's kbit preparation); 'all': that "
+              "for every half-precision model; 'none': dtypes unchanged",
+    "lora": "'fused': qadapt's LoRA autograd Function (base + adapter in one, weight de-quantized again in the "
+            "backward); 'peft': PEFT's own layers",
+    "mlp": "'fused': gate/up/down + SiLU in one Function for SwiGLU MLPs; 'off'",
+    "norm": "'lean': RMSNorm that keeps its input in the model dtype (Liger's kernel on CUDA); 'off'",
+    "loss": "'auto': Liger's fused linear cross-entropy on CUDA, else cut-cross-entropy, else qadapt's chunked torch "
+            "loss; or name one; 'off'",
+    "compile": "'regional': torch.compile each decoder layer; 'off'",
+    "dequant": "'recompute': de-quantize again in the backward; 'cache': keep the forward's weight for the backward "
+               "(faster, bf16 weight memory); 'backend': each layer's own forward",
+}
