@@ -51,7 +51,8 @@ def plot(points, title, path):
     colors = plt.get_cmap("tab20").colors
     ordered = sorted(points.items(), key=lambda item: -item[1][0])  # legend from fastest to slowest
     for index, (label, (tokens, peak)) in enumerate(ordered):
-        marker = "*" if "compile" in label else "o"  # torch.compile'd settings stand out
+        # torch.compile'd settings and peers (bench/peers.py's unsloth rows) stand out
+        marker = "s" if label.startswith("unsloth") else "*" if "compile" in label else "o"
         ax.scatter(peak, tokens, s=150 if marker == "*" else 60, marker=marker, color=colors[index % len(colors)],
                    label=f"{label}: {tokens:,.0f} tok/s, {peak:.1f} GiB")
     ax.set_xlabel("peak GPU memory during training (GiB)")

@@ -75,6 +75,24 @@ def _cce():
 
 
 LIBRARIES = {"liger": ("liger-kernel", _liger), "cce": ("cut-cross-entropy", _cce)}
+_PROBED: dict = {}
+
+
+def _probed(load):
+    """The library's loss function once it ran forward and backward on a small CUDA batch here (an import that works
+    says nothing about Triton compiling its kernels for this GPU); the failure is raised again on every call."""
+    if load not in _PROBED:
+        try:
+            summed = load()
+            h = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            summed(h, torch.randn(128, 64, device="cuda", dtype=torch.bfloat16),
+                   torch.randint(0, 128, (16,), device="cuda")).backward()
+            _PROBED[load] = summed
+        except Exception as exc:  # noqa: BLE001 - kept, so the next call reports the same reason
+            _PROBED[load] = exc
+    if isinstance(_PROBED[load], Exception):
+        raise _PROBED[load]
+    return _PROBED[load]
 
 
 def choose(asked: str, on_cuda: bool):
@@ -87,9 +105,9 @@ def choose(asked: str, on_cuda: bool):
             notes.append(f"{distribution}: its kernels are Triton, CUDA only (the model is not on a CUDA device)")
             continue
         try:
-            return name, load(), notes, ""
-        except Exception as exc:  # noqa: BLE001 - not installed or not importable: say which, use the next
-            notes.append(f"{distribution} not importable ({type(exc).__name__}: {exc})")
+            return name, _probed(load), notes, ""
+        except Exception as exc:  # noqa: BLE001 - not installed, or its kernels do not run here: say which
+            notes.append(f"{distribution} not usable ({type(exc).__name__}: {str(exc)[:200]})")
     fallback = "" if asked in ("auto", "torch") else f"loss={asked!r} cannot run here: {'; '.join(notes)}"
     return "torch", None, notes, fallback
 

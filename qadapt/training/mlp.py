@@ -10,6 +10,7 @@ elementwise part is Liger's SwiGLU kernels (in place over ``e`` and ``g``); else
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -27,10 +28,15 @@ def _matmul_lora(x2, weight, A, B, s):
     return (x2 @ weight.to(dtype).t()).addmm_(x2 @ A.to(dtype).t(), B.to(dtype).t(), alpha=s)
 
 
+@functools.lru_cache(maxsize=None)
 def _liger_swiglu():
+    """Liger's SwiGLU forward and backward once they ran on a small CUDA tensor here, else None (the torch path)."""
     try:
         from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
-    except Exception:  # noqa: BLE001 - not installed, or its Triton cannot start: the torch path runs
+
+        e, g = (torch.randn(2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        swiglu_backward(e, g, swiglu_forward(e.clone(), g.clone())[2])
+    except Exception:  # noqa: BLE001 - not installed, no CUDA, or Triton cannot compile it here
         return None
     return swiglu_forward, swiglu_backward
 

@@ -9,6 +9,7 @@ the gradient it would overwrite also flows down the residual branch) does the sa
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -38,12 +39,17 @@ class RMSNormFn(torch.autograd.Function):
         return dx.to(x.dtype), dw, None
 
 
+@functools.lru_cache(maxsize=None)
 def liger_rms_norm():
-    """Liger's RMSNorm function, or the reason it cannot run."""
+    """(Liger's RMSNorm function, "") once it ran forward and backward on a small CUDA tensor here, else (None, why):
+    an import that works says nothing about Triton compiling its kernel for this GPU and Triton version."""
     try:
         from liger_kernel.transformers.functional import liger_rms_norm as function
-    except Exception as exc:  # noqa: BLE001 - any import failure means the torch path
-        return None, f"liger_kernel not importable ({type(exc).__name__}: {exc})"
+
+        x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        function(x, torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6, 0.0, "llama", False).sum().backward()
+    except Exception as exc:  # noqa: BLE001 - any failure means the torch path, and the report says which
+        return None, f"liger-kernel's RMSNorm does not run here ({type(exc).__name__}: {str(exc)[:200]})"
     return function, ""
 
 

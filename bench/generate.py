@@ -1,0 +1,247 @@
+"""Serving what was trained: ``generate`` tokens/s and peak memory per backend and kernel, adapter separate and merged.
+
+The transformers quantization guides compare backends on generation throughput (fp16 vs bnb vs GPTQ vs AWQ, their
+fused and Marlin kernels); this is that comparison through qadapt, with a LoRA adapter on every linear layer (r=16,
+random B so that it computes something) kept separate (PEFT's layers in the forward) and then merged into the
+quantized weights with ``qadapt.merge`` (policy "fresh": one re-quantization, no candidate search). Each backend runs
+in its own process (a fresh allocator: each peak is its own), in order of importance, within ``--budget`` seconds;
+the results file is rewritten after each row.
+
+Per row and batch size (1 and 8): greedy ``generate`` of ``--new`` tokens (forced: ``min_new_tokens``) after a
+``--prompt``-token random prompt, one short warm-up generation first; tokens/s = batch x new tokens / seconds of the
+timed call (prefill included, as the guides measure); ``torch.cuda.max_memory_allocated`` over that call.
+
+    python3 bench/generate.py --size 8b --out $OUT/generate-h200-8b.json       # the GPU call (one 10-minute call)
+    python3 bench/generate.py --tiny --out out/generate-tiny.json              # any CPU, to check the script
+    python3 bench/generate.py --summarize docs/bench-results/generate-h200-8b.json
+
+Kernels: bitsandbytes picks its own (a 4-bit GEMV for one token at a time, LLM.int8's int8 matmul) and has no
+switch; torchao's int4 weight-only scheme is tinygemm's int4 kernel (``scheme="int4_weight_only"``, CUDA, bf16;
+nothing trains on it, so it has no adapter rows); HQQ's default training backend de-quantizes every step (slow to
+serve), HQQ's ``prepare_for_inference(backend="torchao_int4")`` moves its layers to tinygemm's int4 kernel (a library
+call here, measured on the merged model; not a qadapt option); gptq/awq's Marlin kernels are ``kernel="marlin"`` and need a folder quantized beforehand (``--gptq-folder``:
+calibrating at 8B does not fit the call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _children import build_folder, repo_on_path, run_child, run_rows, write_results  # noqa: E402  (stdlib only)
+
+NF4 = dict(bits=4, quant_type="nf4", double_quant=True)
+#: name -> qadapt backend and options; adapter=False: nothing trains on it (base only)
+ROWS = {
+    "bf16": dict(backend=None, options={}),
+    "bnb-nf4": dict(backend="bnb", options=NF4),
+    "torchao-int8": dict(backend="torchao", options=dict(scheme="int8_weight_only")),
+    "torchao-int4": dict(backend="torchao", options=dict(scheme="int4_weight_only"), adapter=False),
+    "bnb-int8": dict(backend="bnb", options=dict(bits=8)),
+    "hqq-4bit": dict(backend="hqq", options=dict(bits=4, group_size=64)),
+    # HQQ's own serving conversion (hqq.utils.patching.prepare_for_inference, tinygemm's int4 kernel through torchao),
+    # applied to the merged model: not a qadapt option (yet), and irreversible, so only the merged cells
+    "hqq-4bit-torchao_int4": dict(backend="hqq", options=dict(bits=4, group_size=64), hqq_kernel="torchao_int4"),
+    "gptq-4bit-marlin": dict(backend="gptq", options=dict(kernel="marlin", dtype="bfloat16"), folder="gptq"),
+}
+ORDER = ["bf16", "bnb-nf4", "torchao-int8", "torchao-int4", "hqq-4bit-torchao_int4", "bnb-int8", "hqq-4bit"]
+BATCHES = (1, 8)
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def run_parent(args) -> int:
+    size = "tiny" if args.tiny else args.size
+    names = args.rows.split(",") if args.rows else list(ORDER) + (["gptq-4bit-marlin"] if args.gptq_folder else [])
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "size": size,
+            "command": " ".join([sys.executable] + sys.argv), "budget_s": args.budget, "prompt": args.prompt,
+            "new_tokens": args.new, "batches": list(BATCHES), "adapter": "LoRA r=16 on every linear layer, random B",
+            "merge": "qadapt.merge(strategy='requantize', policy='fresh' where the backend offers policies)"}
+    rows = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="qadapt-generate-") as folder:
+        build = run_child(__file__, ["--build", "--size", size, "--folder", folder], args.budget, folder)
+        if "error" in build:
+            write_results(args.out, meta, [{"setting": "build", **build}], table=[])
+            log(f"[build] FAILED: {build['error']}\n{build.get('output', '')}")
+            return 1
+        meta.update(build)
+        common = ["--size", size, "--folder", folder, "--prompt", str(args.prompt), "--new", str(args.new)]
+        if args.gptq_folder:
+            common += ["--gptq-folder", args.gptq_folder]
+        left = args.budget - (time.monotonic() - started)
+        run_rows(__file__, names, common, left, folder, args.out, meta, rows, _report)
+    write_results(args.out, meta, rows, table=table(rows))
+    log(markdown([(meta, rows)]))
+    return 0
+
+
+def _report(row):
+    if "error" in row:
+        log(f"[{row['setting']}] FAILED: {row['error']}")
+        return
+    for cell in row["cells"]:
+        log(f"[{row['setting']}] {cell['adapter']:<9} batch {cell['batch']}: " + (
+            f"{cell['tokens_per_s']:,.1f} tok/s, peak {cell['peak_gib']}" if "error" not in cell else cell["error"]))
+
+
+def run_row(args) -> dict:
+    import torch
+
+    repo_on_path()
+    from train_throughput import SIZES, ensure_backends, load_full
+
+    import qadapt
+
+    spec = ROWS[args.row]
+    ensure_backends({spec["backend"]})
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    options = dict(spec["options"])
+    if spec["backend"] in ("bnb", "hqq") and options.get("bits") == 4:
+        options["compute_dtype"] = str(dtype).replace("torch.", "")
+    start = time.perf_counter()
+    if spec.get("folder") == "gptq":
+        model = qadapt.load(args.gptq_folder, backend="gptq", **options)
+    elif spec["backend"] is None:
+        model = load_full(args.folder, dtype, device)
+    elif spec["backend"] == "hqq":
+        model = qadapt.load(load_full(args.folder, dtype, "cpu"), backend="hqq", **options)
+    else:
+        model = qadapt.load(args.folder, backend=spec["backend"], **options)
+    row = {"load_s": time.perf_counter() - start, "cells": []}
+    vocab = SIZES[args.size]["model"]["vocab_size"]
+    if spec.get("adapter", True) and spec.get("folder") != "gptq":
+        model = qadapt.attach(model, "lora", r=16, lora_alpha=32)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.01)
+        if "hqq_kernel" not in spec:
+            row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="separate") for batch in BATCHES]
+        backend = qadapt.get_backend(spec["backend"]) if spec["backend"] else None
+        start = time.perf_counter()
+        policy = "fresh" if backend is not None and "fresh" in backend.requantize_policies else None
+        report = qadapt.merge(model, policy=policy)
+        row["merge_s"] = time.perf_counter() - start
+        row["merge_error"] = getattr(report, "output_error", None)
+        if "hqq_kernel" in spec:
+            from hqq.utils.patching import prepare_for_inference
+
+            prepare_for_inference(model, backend=spec["hqq_kernel"])
+        row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="merged") for batch in BATCHES]
+    else:
+        row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="none") for batch in BATCHES]
+    return row
+
+
+def measure(model, batch, args, vocab, cuda) -> dict:
+    import torch
+
+    device = "cuda" if cuda else "cpu"
+    ids = torch.randint(4, vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch)).to(device)
+    settings = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.generate(**settings, max_new_tokens=4, min_new_tokens=4)  # warm-up: kernels, caches
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            out = model.generate(**settings, max_new_tokens=args.new, min_new_tokens=args.new)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+    except Exception as exc:  # recorded per cell: one kernel failing at one batch size keeps the others
+        return {"batch": batch, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    new = out.shape[1] - ids.shape[1]
+    return {"batch": batch, "tokens_per_s": batch * new / seconds, "seconds": seconds, "new_tokens": new,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+
+
+def table(rows):
+    flat = []
+    for r in rows:
+        for cell in r.get("cells", []):
+            if "error" not in cell:
+                flat.append({"setting": f"{r['setting']} {cell['adapter']} b{cell['batch']}",
+                             "tokens_per_s": cell["tokens_per_s"], "peak_gib": cell["peak_gib"]})
+    return flat
+
+
+def markdown(runs) -> str:
+    lines = ["| backend / kernel | adapter | batch 1 tok/s | batch 8 tok/s | peak GiB (b1 / b8) | load s | merge s |",
+             "|---|---|---|---|---|---|---|"]
+    for _, rows in runs:
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['setting']} | failed: {r['error'][:100]} | | | | | |")
+                continue
+            for adapter in ("separate", "merged", "none"):
+                cells = {c["batch"]: c for c in r["cells"] if c["adapter"] == adapter}
+                if not cells:
+                    continue
+
+                def speed(b):
+                    c = cells.get(b)
+                    return "-" if c is None else c.get("error", f"{c['tokens_per_s']:,.1f}")
+
+                def peak(b):
+                    c = cells.get(b)
+                    return "-" if c is None or c.get("peak_gib") is None else f"{c['peak_gib']:.1f}"
+
+                merge = f"{r['merge_s']:.0f}" if adapter == "merged" and "merge_s" in r else ""
+                lines.append(f"| {r['setting']} | {adapter} | {speed(1)} | {speed(8)} | {peak(1)} / {peak(8)} | "
+                             f"{r['load_s']:.0f} | {merge} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("full", "8b", "tiny"), default="8b")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--rows", help=f"comma-separated rows (default: {','.join(ORDER)}); known: {', '.join(ROWS)}")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=64, help="generated tokens")
+    parser.add_argument("--gptq-folder", help="a GPTQ 4-bit folder of the same shape (adds the Marlin row)")
+    parser.add_argument("--out", help="results JSON, rewritten after every row")
+    parser.add_argument("--budget", type=float, default=540)
+    parser.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.summarize:
+        runs = []
+        for path in args.summarize:
+            with open(path) as handle:
+                data = json.load(handle)
+            runs.append((data["meta"], data["rows"]))
+        print(markdown(runs))
+        return 0
+    if not (args.row or args.build):
+        return run_parent(args)
+    try:
+        result = build_folder(args.size, args.folder) if args.build else run_row(args)
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"[:600], "traceback": traceback.format_exc()[-3000:]}
+    with open(args.result, "w") as handle:
+        json.dump(result, handle, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""LoRA training against peers: qadapt's plain and prepared paths, hand-wired transformers + PEFT, and unsloth.
+
+Each row runs in its own process (unsloth patches transformers when imported, and each peak is its own), in order
+of importance, and the results file is rewritten as each row finishes, so a time-out keeps every finished row.
+Same model (a randomly initialised Llama, built once and saved with safetensors and a tokenizer), same batches
+(4 x 512 random tokens), LoRA r=16 alpha 32 dropout 0 on every linear layer but the head, AdamW lr 1e-4, the same
+warm-up and timed steps. Per row: tokens/s (median step), peak allocated memory over the steps
+(``torch.cuda.max_memory_allocated``: weights + adapter + AdamW + activations), memory allocated right after loading
+(and attaching, and preparing), the losses, and for qadapt's prepared rows the report of what ran where.
+
+    # the two GPU calls docs/benchmarks.md records (each fits one 10-minute call on an H200)
+    python3 bench/peers.py --size 8b --out $OUT/peers-h200-8b.json
+    python3 bench/peers.py --size full --out $OUT/peers-h200-1.1b.json
+    # any CPU, a minute (unsloth rows are skipped: they need CUDA)
+    python3 bench/peers.py --tiny --out out/peers-tiny.json
+    # the markdown table of one or more results files, and the plot
+    python3 bench/peers.py --summarize docs/bench-results/peers-h200-1.1b.json docs/bench-results/peers-h200-8b.json
+    python3 bench/plot_throughput.py docs/bench-results/peers-h200-8b.json docs/peers_8b.png
+
+Rows (``--rows a,b,c``; default: ``ORDER``): see ``ROWS``. unsloth runs as its documentation says:
+``FastLanguageModel.from_pretrained(folder, load_in_4bit=True, local_files_only=True)`` (nf4 + double quant, bf16)
+and ``FastLanguageModel.get_peft_model(..., use_gradient_checkpointing=False or "unsloth")``, offline
+(``HF_HUB_OFFLINE=1``, ``UNSLOTH_DISABLE_STATISTICS=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _children import build_folder, repo_on_path, run_child, run_rows, write_results  # noqa: E402  (stdlib only)
+NF4 = dict(bits=4, quant_type="nf4", double_quant=True)
+HQQ4 = dict(bits=4, group_size=64)
+INT8 = dict(scheme="int8_weight_only")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+#: name -> how the row is built. kind: "qadapt" (qadapt.load + attach [+ prepare]), "raw" (transformers + PEFT by
+#: hand), "unsloth"
+ROWS = {
+    "qadapt-nf4-fast": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast"),
+    "unsloth-nf4": dict(kind="unsloth", checkpointing=False),
+    "qadapt-nf4-lean": dict(kind="qadapt", backend="bnb", options=NF4, prepare="lean"),
+    "unsloth-nf4-offload": dict(kind="unsloth", checkpointing="unsloth"),
+    "bf16-peft": dict(kind="raw", quant=None),
+    "qadapt-nf4": dict(kind="qadapt", backend="bnb", options=NF4, prepare=None),
+    "qadapt-hqq-fast": dict(kind="qadapt", backend="hqq", options=HQQ4, prepare="fast"),
+    "qadapt-torchao-fast": dict(kind="qadapt", backend="torchao", options=INT8, prepare="fast"),
+    "nf4-raw": dict(kind="raw", quant="nf4"),
+    "qadapt-hqq": dict(kind="qadapt", backend="hqq", options=HQQ4, prepare=None),
+    "qadapt-torchao": dict(kind="qadapt", backend="torchao", options=INT8, prepare=None),
+    "qadapt-bf16-fast": dict(kind="qadapt", backend=None, options={}, prepare="fast"),
+    # not in the default order (device time): PEFT's kbit preparation (checkpointing), and compile on top of fast
+    "qadapt-nf4-default": dict(kind="qadapt", backend="bnb", options=NF4, prepare="default"),
+    "qadapt-nf4-fast-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast", compile="regional"),
+}
+ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-lean", "unsloth-nf4-offload", "bf16-peft", "qadapt-nf4",
+         "qadapt-hqq-fast", "qadapt-torchao-fast", "nf4-raw", "qadapt-hqq", "qadapt-torchao", "qadapt-bf16-fast"]
+#: the plain path each prepared row is compared with (the switch's gain)
+PLAIN = {"qadapt-nf4-fast": "qadapt-nf4", "qadapt-nf4-lean": "qadapt-nf4", "qadapt-hqq-fast": "qadapt-hqq",
+         "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft", "qadapt-nf4-default": "qadapt-nf4",
+         "qadapt-nf4-fast-compile": "qadapt-nf4"}
+STEPS = {"8b": (2, 6), "full": (3, 10), "tiny": (1, 3)}  # (warm-up, timed)
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- parent
+def run_parent(args) -> int:
+    size = "tiny" if args.tiny else args.size
+    names = args.rows.split(",") if args.rows else list(ORDER)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "size": size,
+            "command": " ".join([sys.executable] + sys.argv), "budget_s": args.budget,
+            "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "targets": "all linear but lm_head"},
+            "optimizer": "AdamW lr 1e-4", "steps": dict(zip(("warmup", "timed"), STEPS[size]))}
+    rows = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="qadapt-peers-") as folder:
+        build = run_child(__file__, ["--build", "--size", size, "--folder", folder], args.budget, folder)
+        if "error" in build:
+            write_results(args.out, meta, [{"setting": "build", **build}])
+            log(f"[build] FAILED: {build['error']}\n{build.get('output', '')}")
+            return 1
+        meta.update(build)
+        log(f"[build] {meta['params']:,} parameters in {meta['build_s']:.0f} s")
+        left = args.budget - (time.monotonic() - started)
+        run_rows(__file__, names, ["--size", size, "--folder", folder], left, folder, args.out, meta, rows, _report)
+    log(markdown([(meta, rows)]))
+    return 0
+
+
+def _gib(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _report(row):
+    if "error" in row:
+        log(f"[{row['setting']}] FAILED: {row['error']}")
+        return
+    log(f"[{row['setting']}] {row['tokens_per_s']:,.0f} tok/s, peak {_gib(row['peak_gib'])} GiB, after load "
+        f"{_gib(row['after_load_gib'])} GiB, loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------- children
+def sizes():
+    repo_on_path()
+    from train_throughput import SIZES
+
+    return SIZES
+
+
+def run_row(args) -> dict:
+    spec = ROWS[args.row]
+    if spec["kind"] == "unsloth":
+        for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("UNSLOTH_DISABLE_STATISTICS", "1")):
+            os.environ[key] = value
+        model, extra = build_unsloth(args, spec)  # imports unsloth before transformers, as unsloth requires
+    else:
+        model, extra = (build_qadapt if spec["kind"] == "qadapt" else build_raw)(args, spec)
+    import torch
+
+    row = dict(extra)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        row["after_load_gib"] = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    row.update(train(model, args.size, cuda))
+    if cuda:
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        row["after_load_gib"] = row["peak_gib"] = None  # a CPU has no allocator statistics: speed ratios only
+    return row
+
+
+def _dtype():
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def build_qadapt(args, spec):
+    import torch
+
+    sizes()
+    from train_throughput import ensure_backends, load_full
+
+    import qadapt
+
+    ensure_backends({spec["backend"]})
+    dtype, device = _dtype(), "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    options = dict(spec["options"])
+    if spec["backend"] in ("bnb", "hqq"):
+        options["compute_dtype"] = str(dtype).replace("torch.", "")
+    if spec["backend"] is None:
+        model = load_full(args.folder, dtype, device)
+    elif spec["backend"] == "hqq":  # HQQ converts an in-memory model (on the host) layer by layer onto the GPU
+        model = qadapt.load(load_full(args.folder, dtype, "cpu"), backend="hqq", **options)
+    else:
+        model = qadapt.load(args.folder, backend=spec["backend"], **options)
+    model = qadapt.attach(model, "lora", r=16, lora_alpha=32, lora_dropout=0.0)
+    extra = {"load_s": time.perf_counter() - start}
+    if spec["prepare"]:
+        report = qadapt.prepare(model, spec["prepare"], **({"compile": spec["compile"]} if "compile" in spec else {}))
+        extra["prepare"] = report.to_dict()
+        extra["fallbacks"] = [list(f) for f in report.fallbacks]
+        log(str(report))
+    return model, extra
+
+
+def build_raw(args, spec):
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype, device = _dtype(), "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    kwargs = {}
+    if spec["quant"] == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=dtype, device_map=device, **kwargs)
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    return peft.get_peft_model(model, config), {"load_s": time.perf_counter() - start}
+
+
+def build_unsloth(args, spec):
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("skipped: unsloth needs a CUDA GPU")
+    from unsloth import FastLanguageModel  # first: it patches transformers on import
+
+    start = time.perf_counter()
+    size = sizes()[args.size]
+    model, _ = FastLanguageModel.from_pretrained(args.folder, max_seq_length=size["seq"], dtype=torch.bfloat16,
+                                                 load_in_4bit=True, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                             bias="none", use_gradient_checkpointing=spec["checkpointing"],
+                                             random_state=0)
+    return model, {"load_s": time.perf_counter() - start}
+
+
+def train(model, size_name, cuda):
+    """AdamW on the trainable parameters, the same random batches for every row: step times and losses."""
+    import torch
+
+    size = sizes()[size_name]
+    warmup, timed = STEPS[size_name]
+    device = "cuda" if cuda else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    vocab = size["model"]["vocab_size"]
+    batches = [torch.randint(0, vocab, (size["batch"], size["seq"]), generator=generator).to(device) for _ in range(4)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    model.train()
+    times, losses = [], []
+    for index in range(warmup + timed):
+        ids = batches[index % len(batches)]
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    step = statistics.median(times[warmup:])
+    return {"tokens_per_s": size["batch"] * size["seq"] / step, "step_s_median": step, "step_s_all": times,
+            "losses": losses, "trainable_params": sum(p.numel() for p in trainable), "first_step_s": times[0]}
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def markdown(runs) -> str:
+    """One table over (meta, rows) pairs: per shape and row, speed, memory, losses, gain over the plain path and
+    ratio to unsloth's nf4 row of the same run."""
+    lines = ["| shape | setting | tokens/s | peak GiB | after load GiB | loss first -> last | vs its plain path | "
+             "vs unsloth nf4 (tok/s, peak) |", "|---|---|---|---|---|---|---|---|"]
+    for meta, rows in runs:
+        shape = {"8b": "Llama-3-8B", "full": "TinyLlama-1.1B", "tiny": "tiny (CPU)"}.get(meta.get("size"), meta.get("size"))
+        by = {r["setting"]: r for r in rows if "error" not in r}
+        peer = by.get("unsloth-nf4")
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {shape} | {r['setting']} | failed: {r['error'][:100]} | | | | | |")
+                continue
+            plain = by.get(PLAIN.get(r["setting"], ""))
+            gain = "-"
+            if plain:
+                gain = f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x tok/s"
+                if r["peak_gib"] is not None:
+                    gain += f", {r['peak_gib'] - plain['peak_gib']:+.2f} GiB"
+            versus = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x, {r['peak_gib'] / peer['peak_gib']:.2f}x" \
+                if peer and peer.get("peak_gib") and r["peak_gib"] is not None else "-"
+            lines.append(f"| {shape} | {r['setting']} | {r['tokens_per_s']:,.0f} | {_gib(r['peak_gib'])} | "
+                         f"{_gib(r['after_load_gib'])} | {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} | {gain} | "
+                         f"{versus} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("full", "8b", "tiny"), default="full")
+    parser.add_argument("--tiny", action="store_true", help="the tiny shape on whatever device is here (CPU: a minute)")
+    parser.add_argument("--rows", help=f"comma-separated rows (default: {','.join(ORDER)})")
+    parser.add_argument("--out", help="results JSON, rewritten after every row")
+    parser.add_argument("--budget", type=float, default=540, help="seconds for the whole run (rows not started in "
+                        "time are recorded as skipped)")
+    parser.add_argument("--row-limit", type=float, default=300, help="seconds for one row")
+    parser.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON", help="print the table of results files")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.summarize:
+        runs = []
+        for path in args.summarize:
+            with open(path) as handle:
+                data = json.load(handle)
+            runs.append((data["meta"], data["rows"]))
+        print(markdown(runs))
+        return 0
+    if not (args.row or args.build):
+        return run_parent(args)
+    try:
+        result = build_folder(args.size, args.folder) if args.build else run_row(args)
+    except Exception as exc:  # recorded in the results file with its traceback
+        result = {"error": f"{type(exc).__name__}: {exc}"[:600], "traceback": traceback.format_exc()[-3000:]}
+    with open(args.result, "w") as handle:
+        json.dump(result, handle, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
