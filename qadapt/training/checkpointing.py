@@ -118,7 +118,8 @@ def enable(patches, model, mode: str) -> int:
 
     function = recompute_checkpoint() if mode == "recompute" else offloaded_checkpoint
     model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
-    patches.on_undo(model.gradient_checkpointing_disable)
+    # transformers 5.23 renamed it (the old name warns); 5.4-5.17 have only the old one
+    patches.on_undo(getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)
     return sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
 
 
