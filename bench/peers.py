@@ -49,6 +49,9 @@ ROWS = {
     "unsloth-nf4": dict(kind="unsloth", checkpointing=False),
     "qadapt-nf4-lean": dict(kind="qadapt", backend="bnb", options=NF4, prepare="lean"),
     "unsloth-nf4-offload": dict(kind="unsloth", checkpointing="unsloth"),
+    # the normed inputs of q/k/v and the MLP recomputed instead of kept (qadapt's torch RMSNorm, not Liger's): -1 GiB
+    "qadapt-nf4-fast-normrecompute": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
+                                          parts={"norm": "recompute"}),
     "bf16-peft": dict(kind="raw", quant=None),
     "qadapt-nf4": dict(kind="qadapt", backend="bnb", options=NF4, prepare=None),
     "qadapt-hqq-fast": dict(kind="qadapt", backend="hqq", options=HQQ4, prepare="fast"),
@@ -59,14 +62,16 @@ ROWS = {
     "qadapt-bf16-fast": dict(kind="qadapt", backend=None, options={}, prepare="fast"),
     # not in the default order (device time): PEFT's kbit preparation (checkpointing), and compile on top of fast
     "qadapt-nf4-default": dict(kind="qadapt", backend="bnb", options=NF4, prepare="default"),
-    "qadapt-nf4-fast-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast", compile="regional"),
+    "qadapt-nf4-fast-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
+                                    parts={"compile": "regional"}),
 }
-ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-lean", "unsloth-nf4-offload", "bf16-peft", "qadapt-nf4",
+ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-lean", "unsloth-nf4-offload", "qadapt-nf4-fast-normrecompute",
+         "bf16-peft", "qadapt-nf4",
          "qadapt-hqq-fast", "qadapt-torchao-fast", "nf4-raw", "qadapt-hqq", "qadapt-torchao", "qadapt-bf16-fast"]
 #: the plain path each prepared row is compared with (the switch's gain)
-PLAIN = {"qadapt-nf4-fast": "qadapt-nf4", "qadapt-nf4-lean": "qadapt-nf4", "qadapt-hqq-fast": "qadapt-hqq",
-         "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft", "qadapt-nf4-default": "qadapt-nf4",
-         "qadapt-nf4-fast-compile": "qadapt-nf4"}
+PLAIN = {"qadapt-nf4-fast": "qadapt-nf4", "qadapt-nf4-lean": "qadapt-nf4", "qadapt-nf4-fast-normrecompute": "qadapt-nf4",
+         "qadapt-nf4-default": "qadapt-nf4", "qadapt-nf4-fast-compile": "qadapt-nf4", "qadapt-hqq-fast": "qadapt-hqq",
+         "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft"}
 STEPS = {"8b": (2, 6), "full": (3, 10), "tiny": (1, 3)}  # (warm-up, timed)
 
 
@@ -174,7 +179,7 @@ def build_qadapt(args, spec):
     model = qadapt.attach(model, "lora", r=16, lora_alpha=32, lora_dropout=0.0)
     extra = {"load_s": time.perf_counter() - start}
     if spec["prepare"]:
-        report = qadapt.prepare(model, spec["prepare"], **({"compile": spec["compile"]} if "compile" in spec else {}))
+        report = qadapt.prepare(model, spec["prepare"], **spec.get("parts", {}))
         extra["prepare"] = report.to_dict()
         extra["fallbacks"] = [list(f) for f in report.fallbacks]
         log(str(report))

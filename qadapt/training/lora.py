@@ -18,6 +18,7 @@ import types
 import torch
 
 from .dequant import compute_dtype, dequantizer, run_function, why_not
+from .norm import stash, unstash
 
 
 class LoRALinearFn(torch.autograd.Function):
@@ -29,13 +30,14 @@ class LoRALinearFn(torch.autograd.Function):
         xa = x2 @ A.to(dtype).t()
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         y.addmm_(xa, B.to(dtype).t(), alpha=scaling)
-        ctx.save_for_backward(x, xa, A, B)
+        ctx.save_for_backward(xa, A, B, *stash(x))
         ctx.scaling, ctx.deq, ctx.weight = scaling, deq, weight if keep_weight else None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, A, B = ctx.saved_tensors
+        xa, A, B, *kept = ctx.saved_tensors
+        x = unstash(kept)
         dtype, s = x.dtype, ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
         x2 = x.reshape(-1, x.shape[-1])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .dequant import compute_dtype, run_function
 from .lora import parts
+from .norm import stash, unstash
 from .patching import same_code
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -49,13 +50,14 @@ class LoRASwiGLUFn(torch.autograd.Function):
         e = _matmul_lora(x2, gdeq(), gA, gB, gs)
         g = _matmul_lora(x2, udeq(), uA, uB, us)
         y = _matmul_lora(F.silu(e) * g, ddeq(), dA, dB, ds)
-        ctx.save_for_backward(x, e, g, gA, gB, uA, uB, dA, dB)
+        ctx.save_for_backward(e, g, gA, gB, uA, uB, dA, dB, *stash(x))
         ctx.routes = routes
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, e, g, gA, gB, uA, uB, dA, dB = ctx.saved_tensors
+        e, g, gA, gB, uA, uB, dA, dB, *kept = ctx.saved_tensors
+        x = unstash(kept)
         (gdeq, gs), (udeq, us), (ddeq, ds) = ctx.routes
         dtype = x.dtype
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).to(dtype)

@@ -40,9 +40,11 @@ def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, 
 
     Every part can be set on its own (``None``: the mode's choice): ``checkpoint`` ("off", "recompute", "offload" or
     a bool), ``input_grads`` (bool), ``upcast`` ("auto", "all", "none"), ``lora`` ("peft", "fused"), ``mlp`` ("off",
-    "fused"), ``norm`` ("off", "lean"), ``loss`` ("off", "auto", "liger", "cce", "torch"), ``compile`` ("off",
-    "regional": each decoder layer compiled), ``dequant`` ("backend", "recompute", "cache": keep the de-quantized
-    weight from the forward for the backward, faster, at bf16 weight memory), ``loss_chunk`` (rows per loss chunk).
+    "fused"), ``norm`` ("off", "lean", "recompute": qadapt's torch norm whose output the fused layers after it
+    recompute instead of keeping, 1 GiB less at Llama-3-8B, without checkpointing only), ``loss`` ("off", "auto",
+    "liger", "cce", "torch"), ``compile`` ("off", "regional": each decoder layer compiled), ``dequant`` ("backend",
+    "recompute", "cache": keep the de-quantized weight from the forward for the backward, faster, at bf16 weight
+    memory), ``loss_chunk`` (rows per loss chunk).
 
     A part that cannot apply somewhere (an architecture whose module computes something else, a layer whose backend
     has no training route, a library not installed) falls back to the plain path there and the report says so;
@@ -216,7 +218,7 @@ def plan(model, settings):
 
     # lean RMSNorm
     part = report.add(PartReport("norm", settings.norm))
-    if settings.norm == "lean":
+    if settings.norm != "off":
         found = norm.candidates(inner)
         if not found:
             part.fallbacks[""] = "no RMSNorm module in the model"
@@ -227,15 +229,19 @@ def plan(model, settings):
                 part.fallbacks[name] = why
             else:
                 chosen.append((name, module))
-        liger = None
-        if on_cuda:
+        liger, recomputable = None, settings.norm == "recompute" and settings.checkpoint == "off"
+        if settings.norm == "recompute" and settings.checkpoint != "off":
+            part.fallbacks[""] = (f"norm='recompute' needs checkpoint='off' (under checkpoint={settings.checkpoint!r} "
+                                  "the norm keeps its output; the layer inputs are all that is kept anyway)")
+        if on_cuda and settings.norm == "lean":
             liger, why = norm.liger_rms_norm()
             if liger is None:
                 part.notes.append(f"qadapt's torch RMSNormFn instead of Liger's kernel: {why}")
         if chosen:
-            part.how = "Liger's RMSNorm kernel (casting mode 'llama')" if liger else "qadapt RMSNormFn (torch)"
+            part.how = "Liger's RMSNorm kernel (casting mode 'llama')" if liger else "qadapt RMSNormFn (torch)" + (
+                ", its output recomputed by the fused layers after it instead of kept" if recomputable else "")
             part.modules = [n for n, _ in chosen]
-            steps.append(lambda p: [norm.lean(p, m, liger) for _, m in chosen])
+            steps.append(lambda p: [norm.lean(p, m, liger, recomputable) for _, m in chosen])
 
     # the loss
     part = report.add(PartReport("loss", settings.loss))

@@ -13,7 +13,7 @@ CHOICES = {
     "upcast": ("auto", "all", "none"),
     "lora": ("peft", "fused"),
     "mlp": ("off", "fused"),
-    "norm": ("off", "lean"),
+    "norm": ("off", "lean", "recompute"),
     "loss": ("off", "auto", "liger", "cce", "torch"),
     "compile": ("off", "regional"),
     "dequant": ("backend", "recompute", "cache"),
@@ -88,7 +88,9 @@ _HELP = {
     "lora": "'fused': qadapt's LoRA autograd Function (base + adapter in one, weight de-quantized again in the "
             "backward); 'peft': PEFT's own layers",
     "mlp": "'fused': gate/up/down + SiLU in one Function for SwiGLU MLPs; 'off'",
-    "norm": "'lean': RMSNorm that keeps its input in the model dtype (Liger's kernel on CUDA); 'off'",
+    "norm": "'lean': RMSNorm that keeps its input in the model dtype (Liger's kernel on CUDA); 'recompute': qadapt's "
+            "torch RMSNorm whose output the fused layers after it recompute instead of keeping (no checkpointing "
+            "only); 'off'",
     "loss": "'auto': Liger's fused linear cross-entropy on CUDA, else cut-cross-entropy, else qadapt's chunked torch "
             "loss; or name one; 'off'",
     "compile": "'regional': torch.compile each decoder layer; 'off'",
