@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -98,3 +99,35 @@ def build_folder(size, folder):
     return {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
             "shape": SIZES[size]["model"], "params": params, "batch": SIZES[size]["batch"], "seq": SIZES[size]["seq"],
             "dtype": str(dtype).replace("torch.", ""), "build_s": time.perf_counter() - start, "versions": versions}
+
+
+def add_internal_arguments(parser):
+    """``--summarize`` and the arguments the parent passes its children."""
+    import argparse
+
+    parser.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON", help="print the table of results files")
+    for name in ("--row", "--folder", "--result"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+
+
+def dispatch(args, run_parent, run_row, markdown) -> int:
+    """``--summarize`` prints the table; a child (``--build``/``--row``) writes its result, any failure recorded with
+    its traceback; otherwise the parent runs."""
+    if args.summarize:
+        runs = []
+        for path in args.summarize:
+            with open(path) as handle:
+                data = json.load(handle)
+            runs.append((data["meta"], data["rows"]))
+        print(markdown(runs))
+        return 0
+    if not (args.row or args.build):
+        return run_parent(args)
+    try:
+        result = build_folder(args.size, args.folder) if args.build else run_row(args)
+    except Exception as exc:  # recorded in the results file
+        result = {"error": f"{type(exc).__name__}: {exc}"[:600], "traceback": traceback.format_exc()[-3000:]}
+    with open(args.result, "w") as handle:
+        json.dump(result, handle, default=str)
+    return 0

@@ -26,17 +26,16 @@ and ``FastLanguageModel.get_peft_model(..., use_gradient_checkpointing=False or 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _children import build_folder, repo_on_path, run_child, run_rows, write_results  # noqa: E402  (stdlib only)
+from _children import (  # noqa: E402  (stdlib only: unsloth's row imports unsloth first)
+    add_internal_arguments, dispatch, repo_on_path, run_child, run_rows, write_results)
 NF4 = dict(bits=4, quant_type="nf4", double_quant=True)
 HQQ4 = dict(bits=4, group_size=64)
 INT8 = dict(scheme="int8_weight_only")
@@ -287,30 +286,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="results JSON, rewritten after every row")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole run (rows not started in "
                         "time are recorded as skipped)")
-    parser.add_argument("--row-limit", type=float, default=300, help="seconds for one row")
-    parser.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON", help="print the table of results files")
-    parser.add_argument("--row", help=argparse.SUPPRESS)
-    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.summarize:
-        runs = []
-        for path in args.summarize:
-            with open(path) as handle:
-                data = json.load(handle)
-            runs.append((data["meta"], data["rows"]))
-        print(markdown(runs))
-        return 0
-    if not (args.row or args.build):
-        return run_parent(args)
-    try:
-        result = build_folder(args.size, args.folder) if args.build else run_row(args)
-    except Exception as exc:  # recorded in the results file with its traceback
-        result = {"error": f"{type(exc).__name__}: {exc}"[:600], "traceback": traceback.format_exc()[-3000:]}
-    with open(args.result, "w") as handle:
-        json.dump(result, handle, default=str)
-    return 0
+    add_internal_arguments(parser)
+    return dispatch(parser.parse_args(argv), run_parent, run_row, markdown)
 
 
 if __name__ == "__main__":

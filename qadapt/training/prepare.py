@@ -162,16 +162,9 @@ def plan(model, settings):
     keep = settings.dequant == "cache"
     fused = []
     if settings.lora == "fused":
-        found = lora.lora_layers(inner)
-        if not found:
-            part.fallbacks[""] = ("no LoRA layers (attach a 'lora' adapter first: qadapt.attach(model, 'lora'); "
-                                  f"the model's adapter method is {record.method!r})")
-        for name, layer in found:
-            why = lora.eligible(layer, backend)
-            if why:
-                part.fallbacks[name] = why
-            else:
-                fused.append((name, layer))
+        fused = _eligible(part, lora.lora_layers(inner), lambda layer: lora.eligible(layer, backend),
+                          "no LoRA layers (attach a 'lora' adapter first: qadapt.attach(model, 'lora'); the model's "
+                          f"adapter method is {record.method!r})")
         if fused:
             part.how = "qadapt LoRALinearFn (base + adapter in one Function), weight " + (
                 "kept from the forward for the backward" if keep else "de-quantized again in the backward")
@@ -200,16 +193,8 @@ def plan(model, settings):
     part = report.add(PartReport("mlp", settings.mlp))
     if settings.mlp == "fused":
         fused_layers = {layer for _, layer in fused}  # modules hash by identity
-        found = mlp.candidates(inner)
-        if not found:
-            part.fallbacks[""] = "no module with gate_proj, up_proj, down_proj and act_fn (not a SwiGLU MLP model)"
-        chosen = []
-        for name, module in found:
-            why = mlp.eligible(module, fused_layers)
-            if why:
-                part.fallbacks[name] = why
-            else:
-                chosen.append((name, module))
+        chosen = _eligible(part, mlp.candidates(inner), lambda module: mlp.eligible(module, fused_layers),
+                           "no module with gate_proj, up_proj, down_proj and act_fn (not a SwiGLU MLP model)")
         if chosen:
             part.how = "qadapt LoRASwiGLUFn (saves x, gate and up; silu(gate) * up recomputed in the backward" + (
                 ", Liger's SwiGLU kernels there)" if on_cuda and mlp._liger_swiglu() else ")")
@@ -219,16 +204,7 @@ def plan(model, settings):
     # lean RMSNorm
     part = report.add(PartReport("norm", settings.norm))
     if settings.norm != "off":
-        found = norm.candidates(inner)
-        if not found:
-            part.fallbacks[""] = "no RMSNorm module in the model"
-        chosen = []
-        for name, module in found:
-            why = norm.eligible(module)
-            if why:
-                part.fallbacks[name] = why
-            else:
-                chosen.append((name, module))
+        chosen = _eligible(part, norm.candidates(inner), norm.eligible, "no RMSNorm module in the model")
         liger, recomputable = None, settings.norm == "recompute" and settings.checkpoint == "off"
         if settings.norm == "recompute" and settings.checkpoint != "off":
             part.fallbacks[""] = (f"norm='recompute' needs checkpoint='off' (under checkpoint={settings.checkpoint!r} "
@@ -275,3 +251,16 @@ def plan(model, settings):
             steps.append(lambda p: compiling.compile_layers(p, found))
     return report, steps
 
+
+def _eligible(part, found, why_not, none_found):
+    """The (name, module) of ``found`` that ``why_not`` has no objection to; each objection a fallback of ``part``."""
+    if not found:
+        part.fallbacks[""] = none_found
+    chosen = []
+    for name, module in found:
+        why = why_not(module)
+        if why:
+            part.fallbacks[name] = why
+        else:
+            chosen.append((name, module))
+    return chosen
