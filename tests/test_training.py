@@ -329,6 +329,18 @@ def test_a_second_call_replaces_the_first_and_off_undoes_it():
     assert qadapt.training.report_of(model) is None
 
 
+def test_inference_and_generate_run_the_original_forwards():
+    ids = batch(size=(1, 8))
+    plain, model = adapted("bnb"), adapted("bnb")
+    qadapt.prepare(model, "fast")
+    for m in (plain, model):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+        settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(input_ids=ids, **settings), plain.generate(input_ids=ids, **settings))
+
+
 def test_default_mode_is_peft_kbit_preparation_before_an_adapter_is_attached():
     """prepare before attach (as with peft.prepare_model_for_kbit_training, or before TRL attaches the adapter):
     the base is frozen, layers are checkpointed, input grads are on; float16 norms/embeddings/head go to float32."""

@@ -18,6 +18,7 @@ positional arguments, ``return_dict=False`` or TRL's ``fused_lm_head=True`` go t
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -164,8 +165,8 @@ def install(patches, model, report, summed, chunk):
     decoder = getattr(model, model.base_model_prefix)
     state = {"inside": False}
 
-    @functools.wraps(type(model).forward)
-    def forward(*args, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    @functools.wraps(type(model).forward)  # the original signature (generate validates its kwargs against it)
+    def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         passthrough = (labels is None and shift_labels is None) or args or kwargs.get("fused_lm_head") \
             or kwargs.get("return_dict") is False or not torch.is_grad_enabled()
         if passthrough:
@@ -199,5 +200,5 @@ def install(patches, model, report, summed, chunk):
 
     handle = decoder.register_forward_pre_hook(watch, with_kwargs=True)
     patches.on_undo(handle.remove)
-    patches.set(model, "forward", forward)
+    patches.set(model, "forward", types.MethodType(forward, model))
 
