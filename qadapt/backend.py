@@ -272,13 +272,14 @@ class QuantBackend(abc.ABC):
         raise NotImplementedError(f"backend '{self.name}' cannot de-quantize")
 
     def training_dequantizer(self, module: "torch.nn.Module"):
-        """A zero-argument function returning ``module``'s weight ``(out_features, in_features)``, freshly de-quantized,
-        in a floating dtype (the caller casts it to the compute dtype), cheap enough to run in every training forward
-        and again in the backward; or None where this layer has none. ``qadapt.prepare`` runs its fused LoRA layers
-        and frozen layers through it, so that no de-quantized weight lives across the step. It must compute the
-        weight the layer's own forward multiplies with (the fused paths are tested against the plain one), and read
-        the module's tensors when called, not when made (the model may have moved). Default: None (the layers keep
-        the backend's own forward, and ``qadapt.prepare`` says so)."""
+        """A function ``weight(dtype)`` returning ``module``'s weight ``(out_features, in_features)``, freshly
+        de-quantized, in the dtype the layer's own forward computes an input of ``dtype`` in (bitsandbytes' and HQQ's
+        ``compute_dtype``; most layers: ``dtype`` itself), cheap enough to run in every training forward and again in
+        the backward; or None where this layer has none. ``qadapt.prepare`` runs its fused LoRA layers and frozen
+        layers through it (the input cast to that dtype), so that no de-quantized weight lives across the step. It
+        must give the weight the layer's own forward multiplies with (the fused paths are tested against the plain
+        one), and read the module's tensors when called, not when made (the model may have moved). Default: None
+        (the layers keep the backend's own forward, and ``qadapt.prepare`` says so)."""
         return None
 
     def requantize(self, module: "torch.nn.Module", weight: "torch.Tensor") -> "torch.nn.Module":

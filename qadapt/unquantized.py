@@ -34,7 +34,7 @@ class Unquantized(QuantBackend):
         return module.weight.detach().float()
 
     def training_dequantizer(self, module):
-        return (lambda: module.weight) if getattr(module, "weight", None) is not None else None
+        return (lambda dtype: module.weight.to(dtype)) if getattr(module, "weight", None) is not None else None
 
     def requantize(self, module, weight):
         import torch

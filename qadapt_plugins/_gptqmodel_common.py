@@ -545,7 +545,7 @@ class PackedLayersBackend:
         repacked serving kernels (Marlin refuses training)."""
         if not self.is_packed(module) or not callable(getattr(module, "dequantize_weight", None)):
             return None
-        return lambda: module.dequantize_weight().t()
+        return lambda dtype: module.dequantize_weight().t().to(dtype)  # TorchLinear casts it to the input's dtype
 
     def requantize(self, module, weight):
         from qadapt.errors import InvalidOptionError

@@ -251,7 +251,7 @@ class AqlmBackend(QuantBackend):
         """aqlm's own de-quantization (``_dequantize_weight``), what qadapt's AQLM training kernel runs."""
         from ._aqlm_layers import training_weight
 
-        return lambda: training_weight(module)
+        return lambda dtype: training_weight(module).to(dtype)
 
     def requantize(self, module, weight):
         import torch

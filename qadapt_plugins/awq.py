@@ -129,13 +129,22 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
         return requantize_awq(module, weight)
 
     def training_dequantizer(self, module):
-        """gptqmodel's AWQ de-quantization (``dequantize_gemm``), what its torch kernel multiplies with."""
+        """What the torch kernel multiplies with: qadapt's exact float32 de-quantization for float32 inputs on its
+        float32 layer (``_awq_layers``), else gptqmodel's ``dequantize_gemm`` in the kernel's compute dtype (the
+        input's if half precision, else float16)."""
         if not self.is_packed(module):
             return None
+        import torch
         from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 
-        return lambda: dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales,
-                                       bits=module.bits, group_size=module.group_size).t()
+        def weight(dtype):
+            if dtype == torch.float32 and getattr(module, "_qadapt_float32", False):
+                return dequantize_awq(module)
+            compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+            return dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales.to(compute),
+                                   bits=module.bits, group_size=module.group_size).t()
+
+        return weight
 
     def checkpoint_tensors(self, module):
         return _checkpoint_tensors(module)

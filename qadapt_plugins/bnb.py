@@ -167,7 +167,9 @@ class BitsAndBytesBackend(QuantBackend):
         state = getattr(module.weight, "quant_state", None)
         if state is None or getattr(state, "packing_format_for_cpu", False):
             return None  # not quantized yet, or repacked for bitsandbytes' CPU inference kernel
-        return lambda: bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        # Linear4bit.forward computes in its compute_dtype where it has one, else in the input's
+        return lambda dtype: bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(
+            module.compute_dtype or dtype)
 
     def requantize(self, module, weight, policy="best", hessian=None):
         """A new layer holding ``weight``; ``policy`` (see qadapt.merging.requant): ``"fresh"`` quantizes ``weight``

@@ -213,8 +213,9 @@ class EETQBackend(QuantBackend):
         return module.dequantize().float()
 
     def training_dequantizer(self, module):
-        """``q * scale`` in float16, the weight EETQ's kernel and the torch route multiply with."""
-        return module.dequantize
+        """``q * scale`` in float16, the weight EETQ's kernel and the torch route multiply with (cast to the input's
+        dtype, as the torch route does)."""
+        return lambda dtype: module.dequantize().to(dtype)
 
     def requantize(self, module, weight):
         from ._eetq_layers import EetqTorchLinear

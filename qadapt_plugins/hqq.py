@@ -138,8 +138,9 @@ class HQQBackend(QuantBackend):
         return module.dequantize().float()
 
     def training_dequantizer(self, module):
-        """``HQQLinear.dequantize()`` (what HQQ's default training backend runs in its forward and backward)."""
-        return module.dequantize
+        """``HQQLinear.dequantize()`` (what HQQ's default training backend runs in its forward and backward), in the
+        layer's compute dtype."""
+        return lambda dtype: module.dequantize()
 
     def requantize(self, module, weight, policy="best", hessian=None):
         """A new HQQLinear holding ``weight``; ``policy`` (see qadapt.merging.requant): ``"fresh"`` quantizes ``weight``

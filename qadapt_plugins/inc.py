@@ -254,8 +254,15 @@ class INCBackend(QuantBackend):
         return dequantize_layer(module).float()
 
     def training_dequantizer(self, module):
-        """The weight INC's own forward computes with (``dequantize_layer``)."""
-        return lambda: dequantize_layer(module)
+        """The weight INC's own forward computes with (``dequantize_layer``), in its dtype (INC casts the input to it;
+        float16 becomes float32 on a CPU, as INC's forward does)."""
+        def weight(dtype):
+            import torch
+
+            found = dequantize_layer(module)
+            return found.float() if found.dtype == torch.float16 and found.device.type == "cpu" else found
+
+        return weight
 
     def requantize(self, module, weight):
         return rtn_layer(weight, module, scheme=_scheme(module))

@@ -122,7 +122,7 @@ class TorchAOBackend(QuantBackend):
     def training_dequantizer(self, module):
         """The weight tensor's own ``dequantize()`` (int8 weight-only; int4 trains nothing): torchao's linear keeps
         every de-quantized weight for the backward (12 GiB at Llama-3-8B), this route de-quantizes it again."""
-        return (lambda: module.weight.dequantize()) if _is_subclass_weight(module) else None
+        return (lambda dtype: module.weight.dequantize().to(dtype)) if _is_subclass_weight(module) else None
 
     def requantize(self, module, weight, policy="best", hessian=None):
         """A new layer holding ``weight``; ``policy`` (see qadapt.merging.requant): ``"fresh"`` quantizes ``weight``

@@ -22,10 +22,11 @@ def plain_weight(backend, base) -> bool:
 
 
 def dequantizer(backend, base):
-    """A zero-argument function giving ``base``'s weight ``(out, in)`` freshly de-quantized, or None."""
+    """``weight(dtype)``: ``base``'s weight ``(out, in)`` freshly de-quantized, in the dtype the layer computes an
+    input of ``dtype`` in (``QuantBackend.training_dequantizer``); or None."""
     base = unwrap(base)
     if plain_weight(backend, base):
-        return lambda: base.weight
+        return lambda dtype: base.weight.to(dtype)
     return backend.training_dequantizer(base)
 
 
@@ -35,22 +36,15 @@ def why_not(backend, base) -> str:
             "(QuantBackend.training_dequantizer returned None)")
 
 
-def compute_dtype(base, x):
-    """The dtype the layer computes in: autocast's where it is on, else the layer's own ``compute_dtype``
-    (bitsandbytes 4-bit, HQQ), else the input's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    dtype = getattr(unwrap(base), "compute_dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else x.dtype
-
-
-def run_function(function, x, dtype, *args):
-    """``function.apply(x.to(dtype), *args)`` with autocast off inside (the Functions cast explicitly; autocast would
-    change the dtype of some of their products and not of the in-place ones), the result back in ``x``'s dtype unless
-    autocast is on (then it stays in autocast's dtype, as an autocast matmul's would)."""
-    autocast = torch.is_autocast_enabled(x.device.type)
-    with torch.autocast(x.device.type, enabled=False):
-        out = function.apply(x.to(dtype), *args)
+def run_function(function, x, *args):
+    """``function.apply(x, *args)`` with autocast off inside: the Functions compute in the dtype of the weight the
+    backend's route gives for the input's dtype (autocast's dtype where autocast is on: the input is cast to it first),
+    and cast explicitly; autocast would change the dtype of some of their products and not of the in-place ones. The
+    result comes back in ``x``'s dtype, or in autocast's where it is on (as an autocast matmul's would)."""
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False):
+        out = function.apply(x.to(torch.get_autocast_dtype(device)) if autocast else x, *args)
     return out if autocast else out.to(x.dtype)
 
 
@@ -61,24 +55,22 @@ class FrozenLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, deq, bias, keep_weight):
-        weight = deq().to(x.dtype)
-        ctx.deq, ctx.keep = deq, weight if keep_weight else None
-        return F.linear(x, weight, bias)
+        weight = deq(x.dtype)
+        ctx.deq, ctx.in_dtype, ctx.keep = deq, x.dtype, weight if keep_weight else None
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
 
     @staticmethod
     def backward(ctx, dy):
-        weight = ctx.keep if ctx.keep is not None else ctx.deq().to(dy.dtype)
-        ctx.keep = None
-        return (dy @ weight.to(dy.dtype)) if ctx.needs_input_grad[0] else None, None, None, None
+        weight = ctx.keep if ctx.keep is not None else ctx.deq(ctx.in_dtype)
+        ctx.keep = None  # (autograd casts the gradient back to the input's dtype)
+        return (dy.to(weight.dtype) @ weight) if ctx.needs_input_grad[0] else None, None, None, None
 
 
 def _routed_forward(self, x, *args, **kwargs):
     deq = None if args or kwargs else dequantizer(self._qadapt_backend, self)
     if deq is None or not (torch.is_grad_enabled() and x.requires_grad):
         return type(self).forward(self, x, *args, **kwargs)
-    dtype = compute_dtype(self, x)
-    bias = getattr(self, "bias", None)
-    return run_function(FrozenLinearFn, x, dtype, deq, None if bias is None else bias.to(dtype), self._qadapt_keep_weight)
+    return run_function(FrozenLinearFn, x, deq, getattr(self, "bias", None), self._qadapt_keep_weight)
 
 
 def route(patches, layer, backend, keep_weight: bool) -> None:

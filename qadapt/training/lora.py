@@ -17,21 +17,24 @@ import types
 
 import torch
 
-from .dequant import compute_dtype, dequantizer, run_function, why_not
+from .dequant import dequantizer, run_function, why_not
 from .norm import stash, unstash
 
 
 class LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, scaling, deq, bias, keep_weight):
-        dtype = x.dtype
+        in_dtype = x.dtype
+        weight = deq(in_dtype)  # in the dtype the layer computes this input in (bitsandbytes' compute_dtype, ...)
+        dtype = weight.dtype
+        x = x.to(dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        weight = deq().to(dtype)
         xa = x2 @ A.to(dtype).t()
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y = torch.addmm(bias.to(dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
         y.addmm_(xa, B.to(dtype).t(), alpha=scaling)
         ctx.save_for_backward(xa, A, B, *stash(x))
-        ctx.scaling, ctx.deq, ctx.weight = scaling, deq, weight if keep_weight else None
+        ctx.scaling, ctx.deq, ctx.in_dtype = scaling, deq, in_dtype
+        ctx.weight = weight if keep_weight else None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -46,7 +49,7 @@ class LoRALinearFn(torch.autograd.Function):
         dB = (dy2.t() @ xa).mul_(s).to(B.dtype) if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.weight if ctx.weight is not None else ctx.deq().to(dtype)
+            weight = ctx.weight if ctx.weight is not None else ctx.deq(ctx.in_dtype)
             dx = (dy2 @ weight).addmm_(dxa, A.to(dtype)).view(x.shape)
         ctx.weight = None
         return dx, dA, dB, None, None, None, None
@@ -106,11 +109,8 @@ def _fused_forward(self, x, *args, **kwargs):
     if found is None:  # adapters disabled or merged, another adapter, adapter_names=...: PEFT's own forward
         return type(self).forward(self, x, *args, **kwargs)
     deq, A, B, scaling = found
-    base = self.get_base_layer()
-    dtype = compute_dtype(base, x)
-    bias = getattr(base, "bias", None)
-    return run_function(LoRALinearFn, x, dtype, A, B, scaling, deq, None if bias is None else bias.to(dtype),
-                        self._qadapt_keep_weight)
+    bias = getattr(self.get_base_layer(), "bias", None)
+    return run_function(LoRALinearFn, x, A, B, scaling, deq, bias, self._qadapt_keep_weight)
 
 
 def fuse(patches, layer, backend, keep_weight: bool) -> None:

@@ -16,7 +16,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .dequant import compute_dtype, run_function
+from .dequant import run_function
 from .lora import parts
 from .norm import stash, unstash
 from .patching import same_code
@@ -46,12 +46,15 @@ class LoRASwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gA, gB, uA, uB, dA, dB, routes):
         (gdeq, gs), (udeq, us), (ddeq, ds) = routes
+        in_dtype = x.dtype
+        weight = gdeq(in_dtype)  # the gate's compute dtype is the Function's
+        x = x.to(weight.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        e = _matmul_lora(x2, gdeq(), gA, gB, gs)
-        g = _matmul_lora(x2, udeq(), uA, uB, us)
-        y = _matmul_lora(F.silu(e) * g, ddeq(), dA, dB, ds)
+        e = _matmul_lora(x2, weight, gA, gB, gs)
+        g = _matmul_lora(x2, udeq(in_dtype), uA, uB, us)
+        y = _matmul_lora(F.silu(e) * g, ddeq(in_dtype), dA, dB, ds)
         ctx.save_for_backward(e, g, gA, gB, uA, uB, dA, dB, *stash(x))
-        ctx.routes = routes
+        ctx.routes, ctx.in_dtype = routes, in_dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -75,7 +78,7 @@ class LoRASwiGLUFn(torch.autograd.Function):
         grads["dA"] = (dhA.t() @ h).to(dA.dtype)
         grads["dB"] = (dy2.t() @ (h @ dA.to(dtype).t())).mul_(ds).to(dB.dtype)
         del h
-        dh = (dy2 @ ddeq().to(dtype)).addmm_(dhA, dA.to(dtype))
+        dh = (dy2 @ ddeq(ctx.in_dtype).to(dtype)).addmm_(dhA, dA.to(dtype))
         if liger is not None:
             de, dg = liger[1](e, g, dh)  # in place over e and g: they are needed no more
         else:
@@ -88,7 +91,7 @@ class LoRASwiGLUFn(torch.autograd.Function):
             dzA = (dz @ B.to(dtype)).mul_(s)
             grads[key + "A"] = (dzA.t() @ x2).to(A.dtype)
             grads[key + "B"] = (dz.t() @ (x2 @ A.to(dtype).t())).mul_(s).to(B.dtype)
-            part = (dz @ deq().to(dtype)).addmm_(dzA, A.to(dtype))
+            part = (dz @ deq(ctx.in_dtype).to(dtype)).addmm_(dzA, A.to(dtype))
             dx = part if dx is None else dx.add_(part)
         return dx.view(x.shape), grads["gA"], grads["gB"], grads["uA"], grads["uB"], grads["dA"], grads["dB"], None
 
@@ -126,8 +129,7 @@ def _mlp_forward(self, x):
     if not torch.is_grad_enabled() or any(f is None for f in found):
         return type(self).forward(self, x)  # inference, or a projection merged / disabled / swapped: the plain MLP
     (gd, gA, gB, gs), (ud, uA, uB, us), (dd, dA, dB, ds) = found
-    dtype = compute_dtype(self.gate_proj.get_base_layer(), x)
-    return run_function(LoRASwiGLUFn, x, dtype, gA, gB, uA, uB, dA, dB, ((gd, gs), (ud, us), (dd, ds)))
+    return run_function(LoRASwiGLUFn, x, gA, gB, uA, uB, dA, dB, ((gd, gs), (ud, us), (dd, ds)))
 
 
 def fuse(patches, module) -> None:
