@@ -7,6 +7,7 @@
     nox -s demo             set up and run `qadapt demo` (bnb, hqq, torchao); nox -s demo-all: every backend
     nox -s matrix           `qadapt matrix --verify` per backend environment -> docs/compatibility.md
     nox -s bench_attach     attach overhead with every backend installed vs plain PEFT with none
+    nox -s properties       the property-based contract tests with the long hypothesis profile (not in CI)
 
 Every environment installs the tested torch (constraints.txt) before anything else: unpinned, pip pulls a CUDA build.
 """
@@ -94,6 +95,15 @@ def compat(session, peft, transformers):
                 "tests/test_workflow.py", "tests/test_bad_input.py", *session.posargs, env=ENV, success_codes=[0, 1])
     session.run("python", "tools/compat_docs.py", "docs/matrix", f"compat-peft{peft}-tf{transformers}.json",
                 "--record-pair", junit, "--command", f'nox -s "compat(peft{peft}-tf{transformers})"')
+
+
+@nox.session(tags=["properties"])
+def properties(session):
+    """tests/test_properties.py with hypothesis' long profile (1,500 examples a property, about 15 minutes on 2 cores);
+    CI runs the bounded profile inside `tests`."""
+    install(session, *DEFAULT_SUITE)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_properties.py", *session.posargs,
+                env={**ENV, "QADAPT_HYPOTHESIS_PROFILE": "long"})
 
 
 @nox.session

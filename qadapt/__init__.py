@@ -21,6 +21,7 @@ from .errors import (
     IncompatibleError,
     InvalidOptionError,
     MergeRefusedError,
+    PluginError,
     QadaptError,
     UnknownBackendError,
 )
@@ -65,5 +66,5 @@ __all__ = [
     "load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "backends", "get_backend", "hookimpl",
     "QuantBackend", "Option", "Environment", "Support", "METHODS", "OPERATIONS",
     "QadaptError", "UnknownBackendError", "BackendUnavailableError", "InvalidOptionError", "IncompatibleError",
-    "MergeRefusedError", "CheckpointError", "__version__",
+    "MergeRefusedError", "CheckpointError", "PluginError", "__version__",
 ]

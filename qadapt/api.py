@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import adapters, checkpoint, progress, proxy, quiet
+from . import adapters, checkpoint, inputs, progress, proxy, quiet
 from .capabilities import MERGE_STRATEGIES, METHODS
-from .errors import IncompatibleError, InvalidOptionError, QadaptError
+from .errors import CheckpointError, IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
 from .plugins import backend_of, quiet_libraries, ready_backend
 from .record import Record, base_model, get_record, set_record
+from .rollback import restored_on_failure
 from .training import prepare  # noqa: F401  (qadapt.prepare: the training switch, documented there)
 
 quiet_libraries()  # the known harmless messages of the backend libraries (QADAPT_VERBOSE=1 shows them)
@@ -32,6 +33,9 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
     """
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
+    inputs.check_model_argument(model)
+    if isinstance(model, str):
+        checkpoint.recover_for_load(model)  # a killed overwrite may have left the old checkpoint as its backup
     if isinstance(model, str) and checkpoint.is_checkpoint(model):
         if backend is not None or options:
             raise InvalidOptionError(
@@ -42,22 +46,32 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         with progress.step(f"load checkpoint {model!r}", heartbeat=True):
             return checkpoint.load(model)
     if backend is None:
+        if isinstance(model, str) and checkpoint.looks_like_checkpoint(model):
+            raise CheckpointError(f"load {model!r}", f"{checkpoint.MANIFEST} is missing",
+                                  "Point at a folder written by qadapt.save")
         raise InvalidOptionError(
             "load without a backend",
             "qadapt needs to know how to quantize the model",
             "Pass backend=... (run `qadapt backends` for the list), or a folder written by qadapt.save",
         )
+    if not isinstance(backend, str):
+        raise InvalidOptionError(f"load with backend={backend!r}", "a backend is named by a string",
+                                 "Pass backend='name' (run `qadapt backends` for the list)")
     quant = ready_backend(backend, f"load with backend '{backend}'")
     resolved = quant.validate_options(options)
     if isinstance(model, str) and not os.path.isdir(model):
         raise InvalidOptionError(
             f"load {model!r}", "no such folder (qadapt never downloads models)", "Pass a local folder or a PreTrainedModel"
         )
+    if isinstance(model, str):
+        inputs.check_model_folder(model)
+    else:
+        inputs.refuse_converted(model, quant)
     if isinstance(model, str) and quant.is_quantized_checkpoint(model):
         with progress.step(f"load {model!r} with {backend}", heartbeat=True):
             loaded = quant.load(model, resolved)
     else:
-        batches = _calibration_batches(calibration, tokenizer)
+        batches = inputs.calibration_batches(calibration, tokenizer, inputs.vocab_size_of(model))
         if quant.needs_calibration(resolved) and not batches:
             raise InvalidOptionError(
                 f"quantize with backend '{backend}'",
@@ -66,25 +80,9 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
             )
         with progress.step(f"quantize with {backend}" + (" (calibrating)" if batches else ""), heartbeat=True):
             loaded = quant.quantize(model, resolved, calibration=batches)
+    inputs.check_loaded(loaded, quant)
     set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version()))
     return loaded
-
-
-def _calibration_batches(calibration, tokenizer):
-    if calibration is None:
-        return None
-    import torch
-
-    batches = []
-    for item in calibration:
-        if isinstance(item, str):
-            if tokenizer is None:
-                raise InvalidOptionError("calibration texts", "texts need a tokenizer", "Pass tokenizer=...")
-            batches.append(tokenizer(item, return_tensors="pt").input_ids)
-        else:
-            tensor = torch.as_tensor(item, dtype=torch.long)
-            batches.append(tensor if tensor.dim() == 2 else tensor.unsqueeze(0))
-    return batches
 
 
 # ---------------------------------------------------------------------------------------------------------- attach
@@ -96,26 +94,45 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
     :param options: the PEFT config's options (``r``, ``lora_alpha``, ``total_step`` for AdaLoRA, ...).
     """
     import peft
+    import torch
 
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise InvalidOptionError(f"attach {method!r}", "unknown adapter method", f"Choose one of {', '.join(METHODS)}")
     if isinstance(model, peft.PeftModel):
         raise InvalidOptionError(
             f"attach {method!r}", "the model already has an adapter", "Attach to the base model, or use PEFT's add_adapter"
         )
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidOptionError(f"attach {method!r} to {type(model).__name__}", "expected a model",
+                                 "Pass a model from qadapt.load, or any transformers model")
+    checkpoint.check_adapter_name(adapter_name, f"attach {method!r}")
     record = get_record(model)
+    if record.merge is not None or record.method is not None:
+        raise InvalidOptionError(f"attach {method!r}", "the model already has a qadapt adapter",
+                                 "Attach to the base model")
     backend = backend_of(record)
     support = backend.peft_compatible(method, record.options)
     if not support:
         raise IncompatibleError(_on(f"attach {method!r}", record), support.reason, support.hint)
     targets = adapters.target_names(model, backend, target_modules)
+    matched = inputs.check_target_modules(model, targets, method)
+    inputs.check_adapter_options(method, options, inputs.widest_layer(model, matched))
     config = adapters.peft_config(method, targets, model, options)
     adapters.register_custom_layers(config, backend)
-    if method in backend.proxy_methods:
-        proxy.wrap(model, adapters.proxy_targets(model, targets), backend)
-    with adapters.fast_dispatch(backend), quiet.known_warnings():
-        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
-    adapters.freeze_constants(peft_model)
+    rewrites_weights = isinstance(getattr(config, "init_lora_weights", None), str) \
+        and config.init_lora_weights != "gaussian"
+    try:
+        with restored_on_failure(model, copy_tensors=rewrites_weights):
+            if method in backend.proxy_methods:
+                proxy.wrap(model, adapters.proxy_targets(model, targets), backend)
+            with adapters.fast_dispatch(backend), quiet.known_warnings():
+                peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+            adapters.freeze_constants(peft_model)
+    except QadaptError:
+        raise
+    except Exception as exc:
+        raise InvalidOptionError(f"attach {method!r}", f"PEFT refused it ({type(exc).__name__}: {exc}); the model is "
+                                 "unchanged", "Fix the adapter options") from exc
     record.method, record.adapter_name = method, adapter_name
     return peft_model
 
@@ -142,8 +159,8 @@ def merge(model, strategy: str = "requantize", *, max_error: float | None = None
     :return: a :class:`qadapt.merging.MergeReport`.
     """
     record = get_record(model)
-    if strategy not in MERGE_STRATEGIES:
-        raise InvalidOptionError(f"merge strategy {strategy!r}", "unknown strategy", f"Choose one of {', '.join(MERGE_STRATEGIES)}")
+    inputs.check_choice(strategy, MERGE_STRATEGIES, f"merge strategy {strategy!r}", "strategy")
+    inputs.check_max_error(max_error)
     if record.method is None:
         raise InvalidOptionError("merge", "the model has no adapter attached by qadapt", "Call qadapt.attach first")
     if record.merge is not None:
@@ -152,15 +169,21 @@ def merge(model, strategy: str = "requantize", *, max_error: float | None = None
     support = backend.can_merge(record.method, record.options, strategy)
     if not support:
         raise IncompatibleError(_on(f"merge {record.method!r} with strategy={strategy!r}", record), support.reason, support.hint)
-    if policy is not None and (strategy != "requantize" or policy not in backend.requantize_policies):
+    if policy is not None and (strategy != "requantize" or not isinstance(policy, str)
+                               or policy not in backend.requantize_policies):
+        where = f"backend '{record.backend}'" if record.backend else "a full-precision model"
         if strategy != "requantize":
             reason = "policies apply to strategy='requantize'"
         elif backend.requantize_policies:
-            reason = f"backend '{record.backend}' offers the policies {', '.join(backend.requantize_policies)}"
+            reason = f"{where} offers the policies {', '.join(backend.requantize_policies)}"
         else:
-            reason = f"backend '{record.backend}' offers no re-quantization policy"
+            reason = f"{where} offers no re-quantization policy"
         raise InvalidOptionError(f"merge with policy={policy!r}", reason, "Leave policy out")
-    return engine.merge(model, record, backend, strategy, max_error=max_error, calibration=calibration, policy=policy)
+    if calibration is not None:
+        calibration = inputs.token_ids(calibration, inputs.vocab_size_of(base_model(model)), "merge with calibration=...")
+    report = engine.merge(model, record, backend, strategy, max_error=max_error, calibration=calibration, policy=policy)
+    engine.guard_training(base_model(model), record.merge)
+    return report
 
 
 def unmerge(model) -> None:
@@ -174,6 +197,7 @@ def unmerge(model) -> None:
             "are not in the checkpoint", "Load the checkpoint saved before the merge (with its adapter) to unmerge")
     if record.merge is None:
         raise InvalidOptionError("unmerge", "the adapter is not merged", "Nothing to do")
+    engine.unguard_training(record.merge)
     engine.restore(base_model(model), record.merge)
     record.merge = None
 
@@ -190,6 +214,14 @@ def save(model, path, *, overwrite: bool = False) -> str:
 def load_adapter(model, path, *, strict: bool = True, is_trainable: bool = False):
     """Load an adapter saved by :func:`save` onto ``model``; refuse (``strict``) or warn if ``model`` was quantized
     differently from the base the adapter was trained on."""
+    import peft
+    import torch
+
+    if not isinstance(model, torch.nn.Module) or isinstance(model, peft.PeftModel):
+        raise InvalidOptionError(f"load adapter {path!r} onto {type(model).__name__}", "expected a base model without "
+                                 "an adapter", "Pass the model qadapt.load returned")
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise CheckpointError(f"load adapter {path!r}", "no such folder", "Pass the adapter/ folder of a checkpoint")
     return checkpoint.load_adapter(model, os.fspath(path), strict=strict, is_trainable=is_trainable)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import math
 import importlib.metadata
 import inspect
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover
 class Option:
     """One option a backend accepts in ``qadapt.load(..., backend=NAME, **options)``.
 
+    The value is checked against ``type`` (default: the type of ``default``): ``bool`` takes only True/False; ``int``
+    only integers (not bools); ``float`` integers or floats, finite, returned as float; ``str`` only strings; ``tuple``
+    a list or tuple whose items are all ``items`` (returned as a tuple). ``minimum`` / ``maximum`` bound numbers
+    (inclusive); ``choices`` lists the only values accepted. ``default=None`` with no ``type`` accepts anything.
+
     ``runtime=True`` marks an option that says how the quantized weights are run (a kernel, a compute dtype), not what
     they are: an adapter trained on a base moves freely to a base that differs from it only in runtime options.
     """
@@ -50,18 +56,38 @@ class Option:
     choices: tuple | None = None
     type: type | None = None
     runtime: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    items: type | None = None
 
     def validate(self, backend: str, value: Any) -> Any:
         expected = self.type or type(self.default)
         if self.default is None and self.type is None:
             return value
+        asked = f"{backend} option {self.name}={value!r}"
         if expected is bool and not isinstance(value, bool):
-            raise InvalidOptionError(
-                f"{backend} option {self.name}={value!r}", "expected True or False", f"Pass {self.name}=True or False"
-            )
+            raise InvalidOptionError(asked, "expected True or False", f"Pass {self.name}=True or False")
         if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InvalidOptionError(f"{backend} option {self.name}={value!r}", "expected an integer", self._choices_hint())
-        if self.choices is not None and value not in self.choices:
+            raise InvalidOptionError(asked, "expected an integer", self._choices_hint())
+        if expected is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidOptionError(asked, "expected a finite number", self._choices_hint())
+            value = float(value)
+        if expected is str and not isinstance(value, str):
+            raise InvalidOptionError(asked, "expected a string", self._choices_hint())
+        if expected is tuple:
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise InvalidOptionError(asked, "expected a list or tuple", self.help)
+            if self.items is not None and not all(isinstance(item, self.items) and not (
+                    self.items is int and isinstance(item, bool)) for item in value):
+                raise InvalidOptionError(asked, f"expected a list of {self.items.__name__} values", self.help)
+            value = tuple(value)
+        if expected in (int, float):
+            if self.minimum is not None and value < self.minimum:
+                raise InvalidOptionError(asked, f"{self.name} must be at least {self.minimum}", self.help)
+            if self.maximum is not None and value > self.maximum:
+                raise InvalidOptionError(asked, f"{self.name} must be at most {self.maximum}", self.help)
+        if self.choices is not None and not _among(value, self.choices):
             raise InvalidOptionError(
                 f"backend '{backend}' with {self.name}={value!r}",
                 f"{self.name} must be one of {', '.join(map(repr, self.choices))}",
@@ -71,6 +97,11 @@ class Option:
 
     def _choices_hint(self) -> str:
         return f"Choose one of {', '.join(map(repr, self.choices))}" if self.choices else self.help
+
+
+def _among(value, choices) -> bool:
+    """``value in choices``, where 1 is not True and 1.0 is not 1 (``in`` alone compares by ``==``)."""
+    return any(type(value) is type(choice) and value == choice for choice in choices)
 
 
 @dataclass
@@ -316,9 +347,13 @@ def contract_problems(backend: QuantBackend) -> list[str]:
     for member in FINAL:
         if _overrides(backend, member):
             problems.append(f"overrides {member}(), which reads the backend's declarations and must not be replaced")
+    if not isinstance(backend.options, (tuple, list)):
+        return problems + ["options must be a tuple of qadapt.Option instances"]
     names = [option.name for option in backend.options if isinstance(option, Option)]
     if len(names) != len(backend.options):
         problems.append("options must be qadapt.Option instances")
+    elif not all(isinstance(name, str) and name.isidentifier() for name in names):
+        problems.append("option names must be identifiers (they are keyword arguments of qadapt.load)")
     elif len(set(names)) != len(names):
         problems.append(f"declares an option twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
     if not (_overrides(backend, "quantized_layer_types") or _overrides(backend, "is_quantized_layer")):

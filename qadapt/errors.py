@@ -60,3 +60,8 @@ class MergeRefusedError(QadaptError):
 
 class CheckpointError(QadaptError):
     """A saved folder is missing a file, holds a corrupt one, or would overwrite user files."""
+
+
+class PluginError(QadaptError):
+    """A backend's plugin broke its contract while running (returned something else than a model, say); nothing of
+    the caller's was changed by qadapt."""

@@ -119,6 +119,8 @@ def load_full_precision(path, gpu=True, **from_pretrained):
     quiet_transformers()
     if gpu:
         from_pretrained.setdefault("device_map", default_device())
+    # safetensors only: transformers otherwise falls back to unpickling pytorch_model.bin
+    from_pretrained.setdefault("use_safetensors", True)
     return AutoModelForCausalLM.from_pretrained(path, **from_pretrained)
 
 

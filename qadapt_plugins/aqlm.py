@@ -51,11 +51,12 @@ class AqlmBackend(QuantBackend):
         Option("nbits_per_codebook", 8, "B: each codebook has 2^B entries (8: 256 entries, 16: 65,536)",
                choices=(8, 16)),
         Option("in_group_size", 8, "weights per group along the input dimension", choices=(4, 8, 16)),
-        Option("kmeans_iterations", 20, "Lloyd iterations of each codebook's k-means (quantize only)"),
-        Option("refine_passes", 3, "code / codebook / scale refinement passes after k-means (quantize only)"),
-        Option("seed", 0, "seed of the k-means initialisation (quantize only)"),
+        Option("kmeans_iterations", 20, "Lloyd iterations of each codebook's k-means (quantize only)", minimum=0),
+        Option("refine_passes", 3, "code / codebook / scale refinement passes after k-means (quantize only)",
+               minimum=0),
+        Option("seed", 0, "seed of the k-means initialisation (quantize only)", minimum=0, maximum=2**32 - 1),
         Option("skip_modules", DEFAULT_SKIP, "linear layers kept in full precision (names or name suffixes)",
-               type=tuple),
+               type=tuple, items=str),
     )
 
     def check_option_combination(self, options):
@@ -201,7 +202,7 @@ class AqlmBackend(QuantBackend):
         # in the dtype the checkpoint records, as every backend loads a folder (qadapt's de-quantizing kernel, not
         # aqlm's float32-only numba one, runs on CPU)
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=model_dtype(path), device_map=default_device()
+            path, config=config, dtype=model_dtype(path), device_map=default_device(), use_safetensors=True
         )
         install_cpu_kernels(model)
         return model

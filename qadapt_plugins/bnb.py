@@ -124,7 +124,8 @@ class BitsAndBytesBackend(QuantBackend):
         from qadapt.hf import default_device, quiet_transformers
 
         quiet_transformers()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=default_device(), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=default_device(),
+                                                     use_safetensors=True, **kwargs)
         _keep_cpu_layout(model)
         return model
 

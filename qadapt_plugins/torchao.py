@@ -95,7 +95,8 @@ class TorchAOBackend(QuantBackend):
         dtype = torch.bfloat16 if options["scheme"] == "int4_weight_only" else model_dtype(model)
         with as_pretrained_dir(model) as path:
             return AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, device_map=default_device(), quantization_config=TorchAoConfig(self._config(options))
+                path, dtype=dtype, device_map=default_device(), quantization_config=TorchAoConfig(self._config(options)),
+                use_safetensors=True,
             )
 
     def load(self, path, options):
@@ -104,7 +105,7 @@ class TorchAOBackend(QuantBackend):
         from qadapt.hf import default_device, quiet_transformers
 
         quiet_transformers()
-        return AutoModelForCausalLM.from_pretrained(path, device_map=default_device())
+        return AutoModelForCausalLM.from_pretrained(path, device_map=default_device(), use_safetensors=True)
 
     def save(self, model, path, options):
         model.save_pretrained(path, safe_serialization=True)

@@ -9,17 +9,19 @@ from ..errors import CheckpointError, QadaptError
 from ..plugins import ready_backend
 from ..record import Record, set_record
 from .adapter import load_adapter
-from .manifest import read_manifest
+from .files import recover_for_load
+from .manifest import check_loaded_layers, read_manifest
 
 
 def load(path: str):
     from ..unquantized import UNQUANTIZED
 
+    recover_for_load(path)  # a killed overwrite may have left the old folder only as its backup
     manifest = read_manifest(path)
     backend_info = manifest["backend"]
     name = backend_info.get("name")
     backend = UNQUANTIZED if name is None else ready_backend(name, f"load {path!r}")
-    options = backend_info.get("options", {})
+    options = _validated_options(backend, backend_info.get("options", {}), path)
     if name is not None:
         installed = backend.library_version()
         if backend_info.get("library_version") and installed != backend_info["library_version"]:
@@ -32,9 +34,21 @@ def load(path: str):
     except Exception as exc:
         raise CheckpointError(f"load {path!r}", f"backend '{backend.name}' could not read base/ ({type(exc).__name__}: {exc})",
                               "Check that the backend's library version matches the one in qadapt.json") from exc
+    check_loaded_layers(manifest, model, backend, path)
     record = Record(backend=name, options=options, library_version=backend_info.get("library_version"),
                     merged_when_saved=manifest.get("merged"))
     set_record(model, record)
     if manifest.get("adapter"):
         return load_adapter(model, os.path.join(path, "adapter"), strict=True)
     return model
+
+
+def _validated_options(backend, options: dict, path: str) -> dict:
+    """The recorded options, checked like a user's first: an edited qadapt.json does not reach the backend's code.
+    Returned as recorded (JSON), as the adapter's provenance records them."""
+    try:
+        backend.validate_options(options)
+        return options
+    except QadaptError as exc:
+        raise CheckpointError(f"load {path!r}", f"qadapt.json records options backend '{backend.name}' refuses: {exc}",
+                              "Save the model again") from exc

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 
 from ..errors import CheckpointError, IncompatibleError
 from ..plugins import backend_of
 from ..record import base_model, get_record
-from .files import checksums, move_into_place, write_json
-from .manifest import FORMAT, MANIFEST, PROVENANCE
+from .files import SaveTarget, checksums, is_free, sizes, write_json
+from .manifest import FORMAT, MANIFEST, PROVENANCE, check_adapter_name, quantized_layer_names
 
 
 def save(model, path: str, *, overwrite: bool = False) -> str:
     from .._version import __version__
 
     record = get_record(model)
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
-        raise CheckpointError(
-            f"save to {path!r}", "the path exists and is not empty; qadapt does not overwrite files unasked",
-            "Choose a new folder, or pass overwrite=True",
-        )
+    if record.method:
+        check_adapter_name(record.adapter_name, f"save to {path!r}")
     backend = backend_of(record)
     merged = record.merge
     if merged is not None and merged.strategy == "dequantize":
@@ -35,13 +30,18 @@ def save(model, path: str, *, overwrite: bool = False) -> str:
     if support is not None and not support:
         raise IncompatibleError(f"save a {record.method!r} adapter on backend '{record.backend}'", support.reason, support.hint)
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
-    try:
+    # The claim is taken, and what a killed save left is recovered, before the emptiness check (files.py).
+    with SaveTarget(path, f"save to {path!r}") as target:
+        if not is_free(target.path) and not overwrite:
+            raise CheckpointError(
+                f"save to {path!r}", "the path exists and is not empty; qadapt does not overwrite files unasked",
+                "Choose a new folder, or pass overwrite=True",
+            )
+        staging = target.staging()
         os.makedirs(os.path.join(staging, "base"))
         with _without_tuner_layers(base_model(model)) as inner:
             backend.save(inner, os.path.join(staging, "base"), options)
+            layers = quantized_layer_names(inner, backend)
         adapter = None
         if record.method and merged is None:
             # qadapt targets linear layers; full embedding layers are saved only when asked for (no hub look-up).
@@ -53,26 +53,25 @@ def save(model, path: str, *, overwrite: bool = False) -> str:
         manifest = {
             "format": FORMAT,
             "qadapt_version": __version__,
-            "backend": {"name": backend_name, "library_version": record.library_version if backend_name else None, "options": options},
+            "backend": {"name": backend_name, "library_version": record.library_version if backend_name else None,
+                        "options": options, "quantized_layers": layers},
             "adapter": adapter,
             "merged": None
             if merged is None
             else {"method": record.method, "strategy": merged.strategy, "from_backend": record.backend,
                   "report": merged.report.to_dict() if merged.report else None},
             "files": checksums(staging),
+            "sizes": sizes(staging),
         }
         write_json(os.path.join(staging, MANIFEST), manifest)
-        move_into_place(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        target.commit(staging, overwrite)
     return path
 
 
 def _flatten_adapter_dir(adapter_dir: str, adapter_name: str) -> None:
     # PEFT writes a non-default adapter into a sub-folder named after it.
-    nested = os.path.join(adapter_dir, adapter_name)
-    if adapter_name != "default" and os.path.isdir(nested):
+    nested = os.path.join(adapter_dir, adapter_name)  # a plain name (check_adapter_name): never outside adapter_dir
+    if adapter_name != "default" and os.path.isdir(nested) and not os.path.islink(nested):
         for name in os.listdir(nested):
             os.replace(os.path.join(nested, name), os.path.join(adapter_dir, name))
         os.rmdir(nested)

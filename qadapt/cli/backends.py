@@ -18,26 +18,41 @@ def backend_rows(check: bool = True) -> list[dict]:
 
     rows = []
     for name, registration in registrations().items():
-        backend = registration.backend
-        row = {
-            "name": name,
-            "plugin": registration.plugin,
-            "plugin_version": registration.plugin_version,
-            "summary": backend.summary,
-            "library": backend.distribution or None,
-            "library_version": backend.library_version(),
-            "options": {o.name: {"default": o.default, "choices": list(o.choices) if o.choices else None, "help": o.help}
-                        for o in backend.options},
-        }
-        if check:
-            env = backend.check_environment()
-            row.update(status=env.status, reason=env.reason, hint=env.hint)
-        rows.append(row)
+        try:
+            rows.append(_row(name, registration, check))
+        except BaseException as exc:  # noqa: BLE001 - a broken plugin gets a 'failed' row, never a crash
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            rows.append({"name": name, "plugin": registration.plugin, "status": "failed",
+                         "reason": f"the backend could not describe itself ({type(exc).__name__}: {exc})",
+                         "hint": "run `qadapt doctor`"})
     for failure in failures():
         rows.append({"name": failure.plugin, "plugin": failure.plugin, "status": "failed",
-                     "reason": f"plugin failed to {failure.stage}: {failure.error}",
+                     "reason": failure.describe(),
                      "hint": "`qadapt doctor` shows where it failed", "traceback": failure.traceback})
     return rows
+
+
+def _row(name, registration, check: bool) -> dict:
+    from ..plugins import checked_environment
+
+    backend = registration.backend
+    row = {
+        "name": name,
+        "plugin": registration.plugin,
+        "plugin_version": registration.plugin_version,
+        "builtin": registration.builtin,
+        "summary": str(backend.summary),
+        "library": backend.distribution or None,
+        "library_version": backend.library_version(),
+        "options": {o.name: {"default": o.default, "choices": list(o.choices) if o.choices else None, "help": o.help}
+                    for o in backend.options},
+    }
+    if check:
+        env = checked_environment(backend)
+        broken = env.details.get("plugin_error") if isinstance(env.details, dict) else None
+        row.update(status="failed" if broken else env.status, reason=env.reason, hint=env.hint)
+    return row
 
 
 def run(args) -> int:

@@ -38,7 +38,7 @@ def demo(only=None, steps: int = 8) -> int:
     import torch
 
     import qadapt
-    from qadapt.plugins import registrations
+    from qadapt.plugins import checked_environment, registrations
     from qadapt.testing import toy
 
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def demo(only=None, steps: int = 8) -> int:
         names = [n for n in registrations() if not only or n in only]
         for name in names:
             backend = qadapt.get_backend(name)
-            env = backend.check_environment()
+            env = checked_environment(backend)
             if not env.ok:
                 rows.append({"backend": name, "status": f"unavailable: {env.reason}", "hint": env.hint})
                 print(f"[{name}] skipped: {env.reason}", flush=True)

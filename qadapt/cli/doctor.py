@@ -21,18 +21,21 @@ def findings() -> dict:
         report["torch"] = f"not importable ({exc})"
     for package in ("transformers", "peft", "accelerate", "safetensors"):
         report[package] = importlib.metadata.version(package) if is_installed(package) else None
-    from ..plugins import registrations
+    from ..plugins import registrations, slow_plugins
     from .backends import backend_rows
 
     report["known_bad_installs"] = []
     for name, registration in registrations().items():
         try:
-            found = registration.backend.install_problems()
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the doctor down
+            found = [(str(problem), str(fix)) for problem, fix in registration.backend.install_problems()]
+        except BaseException as exc:  # noqa: BLE001 - a broken plugin must not take the doctor down
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             found = [(f"backend '{name}' could not check its install ({type(exc).__name__}: {exc})", "run with a fixed plugin")]
         report["known_bad_installs"] += [{"backend": name, "problem": problem, "fix": fix} for problem, fix in found]
 
     report["backends"] = backend_rows(check=True)
+    report["slow_plugins"] = [{"plugin": name, "seconds": round(seconds, 2)} for name, seconds in slow_plugins().items()]
     return report
 
 
@@ -61,6 +64,10 @@ def run(args=None) -> int:
             print("       Fix or uninstall the plugin, or leave it out: QADAPT_LOAD_PLUGINS=<the plugins you want>")
         elif row.get("hint") and row.get("reason"):
             print(f"       {row['hint']}")
+    if report["slow_plugins"]:
+        print("\nSlow plugins (every qadapt command waits for them; QADAPT_LOAD_PLUGINS leaves them out):")
+        for item in report["slow_plugins"]:
+            print(f"  - {item['plugin']}: {item['seconds']:.1f} s to import and register")
     if report["known_bad_installs"]:
         print("\nKnown bad installs:")
         for item in report["known_bad_installs"]:

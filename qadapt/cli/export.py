@@ -67,7 +67,7 @@ def run(args) -> int:
             qadapt.save(model, os.path.join(staging, "merged"))
             os.replace(os.path.join(staging, "merged", "base"), written)
         _copy_tokenizer(args.checkpoint, written)
-        move_into_place(written, args.out)
+        move_into_place(written, args.out, overwrite=args.overwrite, asked=f"export to {args.out!r}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if args.json:

@@ -157,6 +157,8 @@ def full_precision_linear(base, weight, inner):
 def merge(model, record, backend, strategy: str, *, max_error=None, calibration=None, policy=None):
     """Merge the active adapter of ``model`` (checked by the caller against the capability table), keep the best
     candidate, refuse above ``max_error`` with nothing changed; return the :class:`MergeReport`."""
+    import math
+
     import torch
 
     from ..errors import MergeRefusedError
@@ -173,6 +175,12 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
     with torch.no_grad(), progress.step(f"merge {record.method!r} ({strategy})", total=len(plan) * len(layers)) as steps:
         reference, hessians = reference_outputs(model, layers, batch, any(c.with_inputs for c in plan))
         found = targets(layers, backend, record.method, record.adapter_name)
+        not_finite = [target.name for target in found if not torch.isfinite(target.merged).all()]
+        if not_finite:
+            raise MergeRefusedError(f"merge {record.method!r} with strategy={strategy!r}",
+                                    f"the merged weight of {not_finite[0]} holds NaN or infinite values (the adapter "
+                                    f"does: {len(not_finite)} layer(s)); nothing was changed",
+                                    "Check the training (learning rate, loss scaling), or keep the adapter separate")
         tried = [build(model, inner, backend, strategy, candidate, found, hessians, batch, reference, steps)
                  for candidate in plan]
     best = tried[0]
@@ -182,7 +190,13 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
     report = MergeReport(record.backend or "none", record.method, strategy, best.output_error, best.max_abs_error,
                          best.layers, policy=best.candidate.label,
                          candidates={b.candidate.label: b.output_error for b in tried} if len(tried) > 1 else {})
-    if max_error is not None and best.output_error > max_error:
+    if not math.isfinite(best.output_error):
+        raise MergeRefusedError(
+            f"merge {record.method!r} with strategy={strategy!r}",
+            f"the merged model's output error is {best.output_error} (NaN or infinite outputs; nothing was changed)",
+            "Check the adapter's weights, or keep the adapter separate",
+        )
+    if max_error is not None and not best.output_error <= max_error:  # `not <=`: a NaN error is refused too
         raise MergeRefusedError(
             f"merge {record.method!r} with strategy={strategy!r}, max_error={max_error}",
             f"the merged model's output error is {best.output_error:.3g}, above max_error (nothing was changed)",
@@ -195,3 +209,26 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
     apply(inner, state, best.swaps)
     record.merge = state
     return report
+
+
+def guard_training(inner, state: MergeState) -> None:
+    """While merged, a forward in training mode with gradients on raises: the adapter is folded into frozen weights,
+    so training would silently change nothing (unmerge first)."""
+    state.guard = inner.register_forward_pre_hook(_refuse_training)
+
+
+def unguard_training(state: MergeState) -> None:
+    if state.guard is not None:
+        state.guard.remove()
+        state.guard = None
+
+
+def _refuse_training(module, args):
+    import torch
+
+    if module.training and torch.is_grad_enabled():
+        from ..errors import InvalidOptionError
+
+        raise InvalidOptionError("train a merged model", "the adapter is merged into frozen weights: training would "
+                                 "change nothing", "Call qadapt.unmerge(model) before training, or model.eval() to "
+                                 "run it")

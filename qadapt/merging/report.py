@@ -61,6 +61,7 @@ class MergeState:
     adapter_name: str
     originals: dict = field(default_factory=dict)  # module path -> the module (tuner or quantized layer) it replaced
     report: MergeReport | None = None
+    guard: object = None  # the forward pre-hook refusing training while merged (engine.guard_training)
 
 
 def relative_error(actual, expected) -> tuple[float, float]:

@@ -19,20 +19,33 @@ def declared_rows(names=None) -> list[dict]:
     for name, registration in registrations().items():
         if names and name not in names:
             continue
-        backend = registration.backend
-        for options in variants(backend):
-            try:
-                resolved = backend.validate_options(options)
-            except QadaptError:
-                if options in [dict(v) for v in backend.gpu_variants]:
-                    continue  # e.g. a GPU-only kernel on a CPU machine: declared only where it can be chosen
+        try:
+            rows += _declared(name, registration.backend)
+        except BaseException as exc:  # noqa: BLE001 - one broken plugin's table must not hide the others'
+            if isinstance(exc, KeyboardInterrupt):
                 raise
-            table = backend.capabilities(resolved)
-            for method in METHODS:
-                for operation in OPERATIONS:
-                    cell = table[(method, operation)]
-                    rows.append({"backend": name, "options": options, "method": method, "operation": operation,
-                                 "supported": cell.supported, "reason": cell.reason, "hint": cell.hint})
+            reason = f"the backend's capability table could not be read ({type(exc).__name__}: {exc})"
+            rows += [{"backend": name, "options": {}, "method": method, "operation": operation, "supported": False,
+                      "reason": reason, "hint": "run `qadapt doctor`; report it to the plugin's authors"}
+                     for method in METHODS for operation in OPERATIONS]
+    return rows
+
+
+def _declared(name, backend) -> list[dict]:
+    rows = []
+    for options in variants(backend):
+        try:
+            resolved = backend.validate_options(options)
+        except QadaptError:
+            if options in [dict(v) for v in backend.gpu_variants]:
+                continue  # e.g. a GPU-only kernel on a CPU machine: declared only where it can be chosen
+            raise
+        table = backend.capabilities(resolved)
+        for method in METHODS:
+            for operation in OPERATIONS:
+                cell = table[(method, operation)]
+                rows.append({"backend": name, "options": options, "method": method, "operation": operation,
+                             "supported": cell.supported, "reason": cell.reason, "hint": cell.hint})
     return rows
 
 
@@ -50,7 +63,7 @@ def verify(names=None) -> dict:
 
     import torch
 
-    from ..plugins import registrations
+    from ..plugins import checked_environment, registrations
     from .conformance import check_backend
 
     cuda = torch.cuda.is_available()
@@ -65,7 +78,7 @@ def verify(names=None) -> dict:
             continue
         backend = registration.backend
         versions[backend.distribution or name] = backend.library_version()
-        env = backend.check_environment()
+        env = checked_environment(backend)
         environments[name] = {"ok": env.ok, "version": env.version, "reason": env.reason, "hint": env.hint}
         for options in variants(backend):
             if not env.ok:
