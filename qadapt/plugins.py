@@ -78,6 +78,10 @@ def _name_of(dist) -> str:
     return _normalized(fast if isinstance(fast, str) and fast else (dist.metadata["Name"] or ""))
 
 
+def _display(dist) -> str:
+    return dist.metadata["Name"] or _name_of(dist)
+
+
 def _is_own_distribution(dist) -> bool:
     """Is ``dist`` (named qadapt) the distribution the running ``qadapt`` package was installed from? By its files
     (a regular install lists ``qadapt/__init__.py``) or its ``direct_url.json`` (an editable install names the
@@ -102,7 +106,7 @@ def _is_own_distribution(dist) -> bool:
 
 
 def _candidates():
-    """``(entry_point, distribution name, builtin)`` for every entry point of the group, the installed qadapt's first,
+    """``(entry_point, distribution, builtin)`` for every entry point of the group, the installed qadapt's first,
     then the other distributions in ``sys.path`` order (one copy of each distribution, as importlib keeps); and the
     places of other distributions named qadapt that declare plugins (never loaded)."""
     found, impostors, seen = [], [], {DISTRIBUTION}
@@ -115,7 +119,7 @@ def _candidates():
         for ep in dist.entry_points:
             if ep.group == GROUP and ep.name not in builtin_names:
                 builtin_names.add(ep.name)
-                found.append((ep, DISTRIBUTION, True))
+                found.append((ep, dist, True))
     for dist in distributions:
         name = _name_of(dist)
         if any(dist is mine for mine in own):
@@ -127,7 +131,7 @@ def _candidates():
         if name in seen:
             continue
         seen.add(name)
-        found += [(ep, name, False) for ep in dist.entry_points if ep.group == GROUP]
+        found += [(ep, dist, False) for ep in dist.entry_points if ep.group == GROUP]
     return found, impostors
 
 
@@ -170,17 +174,17 @@ class _Registry:
         others = [c for c in group if not c[2]]
         if builtin:
             for _, dist, _ in others:
-                self._note(f"{dist}:{name}", "reserved", f"distribution {dist!r} declares the entry point {name!r}, which is "
+                self._note(f"{_display(dist)}:{name}", "reserved", f"distribution {_display(dist)!r} declares the entry point {name!r}, which is "
                            f"reserved for qadapt's built-in plugin: skipped (the built-in one is loaded)")
             return builtin[0]
         if len(others) > 1:
-            dists = " and ".join(repr(dist) for _, dist, _ in others)
+            dists = " and ".join(repr(_display(dist)) for _, dist, _ in others)
             self._note(name, "ambiguous", f"the entry point {name!r} is declared by the distributions {dists}: "
                        "ambiguous, none of them is loaded (uninstall one)")
             return None
         return others[0]
 
-    def _load(self, entry_point, dist: str, builtin: bool) -> None:
+    def _load(self, entry_point, dist, builtin: bool) -> None:
         watch = Watch()
         started = _clock()
         try:

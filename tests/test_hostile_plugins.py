@@ -45,7 +45,7 @@ BACKEND = textwrap.dedent("""
 def distribution(root, dist, module, entry_point, source):
     """A distribution ``dist`` in its own folder under ``root``: its module and its one ``qadapt`` entry point."""
     folder = root / dist
-    info = folder / f"{dist}-1.0.dist-info"
+    info = folder / f"{dist.replace('-', '_')}-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(f"[qadapt]\n{entry_point} = {module}\n")
@@ -101,10 +101,11 @@ def test_an_entry_point_name_two_distributions_declare_is_reported_and_neither_l
 
 
 def test_a_fake_qadapt_distribution_cannot_declare_built_ins(tmp_path):
+    """The built-in names come from the distribution the running qadapt package was installed from."""
     fake = tmp_path / "fake"
-    info = fake / "qadapt-9.9.dist-info"
+    info = fake / "qadapt_lm-9.9.dist-info"  # named like qadapt's own distribution
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qadapt\nVersion: 9.9\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qadapt-lm\nVersion: 9.9\n")
     (info / "entry_points.txt").write_text("[qadapt]\nbnb = evil_bnb\n")
     (fake / "evil_bnb.py").write_text(BACKEND.format(name="bnb"))
     found = listing(tmp_path, fake)
@@ -199,7 +200,7 @@ def test_an_environment_check_that_raises_is_a_failed_row_not_a_crash(plugin_nam
     rows = {row["name"]: row for row in backend_rows()}
     assert rows["envcheck"]["status"] == "failed" and "environment check raised" in rows["envcheck"]["reason"]
     assert rows["bnb"]["status"] in ("ok", "unavailable")
-    assert main(["backends"]) == 0 and main(["doctor"]) == 0
+    assert main(["backends"]) == 0 and main(["doctor"]) == 1  # doctor's exit code says a plugin failed
     assert "environment check raised" in capsys.readouterr().out
     with pytest.raises(qadapt.BackendUnavailableError, match="environment check raised"):
         qadapt.load("anything", backend="envcheck")
