@@ -202,6 +202,10 @@ def check_adapter_options(method: str, options: dict, widest: int | None) -> Non
     """Refuse PEFT options PEFT would accept and then fail on, or misread: ranks (positive integers, LoRA's no wider
     than the widest targeted layer), alphas (numbers), dropouts (in [0, 1)), biases (PEFT's choices)."""
     asked = f"attach {method!r}"
+    if method == "adalora" and "r" in options:
+        # PEFT 0.21 ignores it with a warning ("r is not used in AdaLora"): an option not honoured is refused
+        raise InvalidOptionError(f"{asked} with r={options['r']!r}", "AdaLoRA's ranks are init_r (at the start) and "
+                                 "target_r (after pruning); PEFT ignores r", "Pass init_r=... and target_r=...")
     for name in _RANKS.get(method, ()):
         if name in options:
             value = options[name]

@@ -48,6 +48,12 @@ def test_adapter_options_peft_would_fail_on_are_refused_up_front(options, match)
     unchanged_after(model, lambda: qadapt.attach(model, "lora", **options), qadapt.InvalidOptionError, match)
 
 
+def test_an_option_peft_would_ignore_is_refused():
+    model = small()
+    unchanged_after(model, lambda: qadapt.attach(model, "adalora", r=4, total_step=4), qadapt.InvalidOptionError,
+                    "PEFT ignores r")
+
+
 def test_a_peft_failure_half_way_through_attach_leaves_the_model_exactly_as_it_was():
     """PEFT injects q_proj's LoRA layer, then refuses the RMSNorm (not a supported layer): qadapt puts everything back
     (module tree, requires_grad, PEFT's attributes) and says what PEFT said. A retry then works."""

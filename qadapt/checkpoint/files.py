@@ -13,9 +13,9 @@ A save to ``path`` works like this (every name is beside ``path``, in its parent
    without the marker is touched.
 3. **stage**: the checkpoint is written into a fresh ``.NAME.XXXX.partial`` folder.
 4. **commit**: to a free path (absent, or an empty folder) with one ``rename``, which fails rather than replaces if
-   anything appeared there; to an occupied path (``overwrite=True``) the journal names the backup
-   ``.NAME.qadapt-old`` and is synced, the old entry (folder, file or symlink, never followed) is renamed to the
-   backup, the staging folder to ``path``, and the backup is removed.
+   anything appeared there; to an occupied path (``overwrite=True``) the journal names this save's backup
+   ``.NAME.XXXX.qadapt-old`` and is synced, the old entry (folder, file or symlink, never followed) is renamed to the
+   backup, the staging folder to ``path``, and the backup is removed. The marker goes last, from inside ``path``.
 5. **release**: the lock file is removed (after checking it is still the one locked) and closed.
 
 Every ``OSError`` (disk full, a read-only folder) becomes a :class:`CheckpointError`, with the staging folder removed.
@@ -116,7 +116,6 @@ class SaveTarget:
         self.asked = asked
         self.parent, self.name = os.path.split(self.path)
         self.lock_path = os.path.join(self.parent, f".{self.name}{LOCK_SUFFIX}")
-        self.backup = os.path.join(self.parent, f".{self.name}{BACKUP_SUFFIX}")
         self._lock = None
         self._stagings: list[str] = []
 
@@ -178,8 +177,6 @@ class SaveTarget:
 
     def commit(self, staging: str, overwrite: bool) -> None:
         """Move ``staging`` into place (see the module docstring, step 4)."""
-        if os.path.lexists(os.path.join(staging, STAGING_MARKER)):
-            os.unlink(os.path.join(staging, STAGING_MARKER))
         if is_free(self.path):
             try:
                 # rename(2) onto an absent path or an empty folder; it fails, never replaces, if anything is there now
@@ -191,13 +188,18 @@ class SaveTarget:
         elif not overwrite:
             raise self._raced()
         else:
-            self._journal({"replacing": os.path.basename(self.backup), "staging": os.path.basename(staging)})
-            os.rename(self.path, self.backup)
+            # this save's own backup, beside the path: never an older one's, never inside the folder being moved
+            backup = os.path.join(self.parent, f".{self.name}.{os.urandom(6).hex()}{BACKUP_SUFFIX}")
+            self._journal({"replacing": os.path.basename(backup)})
+            os.rename(self.path, backup)
             os.rename(staging, self.path)
-            remove_entry(self.backup)
+            remove_entry(backup)
             self._journal({})
         if staging in self._stagings:
             self._stagings.remove(staging)
+        # the marker kept the staging folder provably qadapt's up to the rename; a kill before this line leaves it
+        # inside the checkpoint, where the next save or load under the claim removes it (recover)
+        _remove_marker(self.path, self.path)
 
     def _raced(self) -> CheckpointError:
         return CheckpointError(self.asked, "something else was written to the path while saving (nothing of it was "
@@ -268,19 +270,32 @@ def _read_journal(fd: int) -> dict:
 def recover(target: SaveTarget) -> None:
     """Undo what a killed save to ``target`` left (the claim is held: no live save owns any of it)."""
     state = _read_journal(target._lock)
-    if state.get("replacing") == os.path.basename(target.backup) and os.path.lexists(target.backup):
-        if os.path.lexists(target.path):
-            remove_entry(target.backup)  # the new folder was in place: only the old one's removal was cut short
-        else:
-            os.rename(target.backup, target.path)  # killed between the two renames: the old folder goes back
-    staging = state.get("staging")
-    if isinstance(staging, str) and staging == os.path.basename(staging) \
-            and staging.startswith(f".{target.name}.") and staging.endswith(STAGING_SUFFIX):
-        remove_entry(os.path.join(target.parent, staging))  # its marker was removed just before the commit
+    backup = state.get("replacing")
+    if isinstance(backup, str) and backup == os.path.basename(backup) and backup.startswith(f".{target.name}.") \
+            and backup.endswith(BACKUP_SUFFIX):
+        backup = os.path.join(target.parent, backup)
+        if os.path.lexists(backup):
+            if os.path.lexists(target.path):
+                remove_entry(backup)  # the new folder was in place: only the old one's removal was cut short
+            else:
+                os.rename(backup, target.path)  # killed between the two renames: the old folder goes back
     if state:
         target._journal({})
     for staging in stale_stagings(target.parent, target.path):
         shutil.rmtree(staging, ignore_errors=True)
+    _remove_marker(target.path, target.path)
+
+
+def _remove_marker(folder: str, target: str) -> None:
+    """Remove qadapt's staging marker from ``folder`` if it is there and names ``target``."""
+    marker = os.path.join(folder, STAGING_MARKER)
+    try:
+        with open(marker) as handle:
+            names = json.load(handle).get("target")
+    except (OSError, ValueError, AttributeError):
+        return
+    if names == target and not os.path.islink(marker):
+        os.unlink(marker)
 
 
 def stale_stagings(parent: str, path: str) -> list[str]:
