@@ -16,8 +16,11 @@ import types
 import pytest
 
 import qadapt
-from qadapt.capabilities import declare, no
-from qadapt.plugins import failures, register_plugin, registrations, unregister_plugin
+from qadapt.plugins import failures, register_plugin, registrations
+
+from . import test_plugins
+from .test_plugins import _Named
+from .test_plugins import _plugin as plugin
 
 BACKEND = textwrap.dedent("""
     import qadapt
@@ -134,41 +137,16 @@ def test_a_slow_plugin_is_named_with_its_time_by_doctor(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ in-process
-class Minimal(qadapt.QuantBackend):
-    """The smallest backend the contract accepts."""
+class Minimal(_Named):
+    """test_plugins' smallest backend, with attributes to break it with."""
 
     def __init__(self, name="minimal", **attributes):
-        self.name = name
+        super().__init__(name)
         for key, value in attributes.items():
             setattr(self, key, value)
 
-    def capabilities(self, options):
-        refused = no("test backend", "none")
-        return declare(train={}, requantize=refused, dequantize=refused, save=refused)
 
-    def quantize(self, model, options, calibration=None):
-        return model
-
-    def quantized_layer_types(self):
-        return ()
-
-
-def plugin(register_body):
-    module = types.ModuleType("hostile_plugin")
-
-    @qadapt.hookimpl
-    def register_backends(register):
-        register_body(register)
-
-    module.register_backends = register_backends
-    return module
-
-
-@pytest.fixture
-def plugin_name():
-    name = "hostile-plugin"
-    yield name
-    unregister_plugin(name)
+plugin_name = test_plugins.plugin_name  # the fixture: a registered plugin's name, unregistered after the test
 
 
 def failure_of(name):
