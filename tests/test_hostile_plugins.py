@@ -130,7 +130,8 @@ def test_a_slow_plugin_is_named_with_its_time_by_doctor(tmp_path):
         print(json.dumps(doctor.findings()["slow_plugins"]))
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(slow), "QADAPT_LOAD_PLUGINS": "slow"})
+                            env={**os.environ, "QADAPT_LOAD_PLUGINS": "slow",
+                                 "PYTHONPATH": os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")])})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "slow: 30.0 s to import and register" in result.stdout
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [{"plugin": "slow", "seconds": 30.0}]

@@ -78,18 +78,24 @@ def test_attach_succeeds_or_refuses_with_the_model_unchanged(method, options):
 
 
 # ------------------------------------------------------------------------------------------------ load
-load_options = st.fixed_dictionaries({}, optional={
-    "bits": st.one_of(st.sampled_from([1, 2, 3, 4, 8]), junk),
+valid_load_options = st.fixed_dictionaries({}, optional={
+    "bits": st.sampled_from([1, 2, 3, 4, 8]),
     # widths 32 and 64: larger groups do not divide them (refusing those up front is issue 12's load-scope check)
-    "group_size": st.one_of(st.sampled_from([16, 32]), st.sampled_from([0, -1, 7, "16"])),
-    "compute_dtype": st.one_of(st.sampled_from(["auto", "float32", "int8"]), junk),
-    "nbits": junk,
+    "group_size": st.sampled_from([16, 32]),
+    "compute_dtype": st.sampled_from(["auto", "float32"]),
 })
+load_options = st.one_of(valid_load_options, st.fixed_dictionaries({}, optional={
+    "bits": junk, "group_size": st.one_of(st.sampled_from([0, -1, 7, "16"]), junk), "compute_dtype": junk,
+    "nbits": junk,
+}))
+bad_token_ids = st.sampled_from([5, "text", ["text"], [[1, 10**6]], [[-1, 2]], [[1.5, 2.0]], [[]], [None], [[[[1]]]],
+                                 {"input_ids": [1]}])
+token_batches = st.lists(st.lists(st.integers(0, 127), min_size=1, max_size=6), min_size=1, max_size=2)
 
 
 @settings(settings.get_profile(PROFILE))
 @given(backend=st.one_of(st.just("hqq"), st.sampled_from([None, "nope", 5, ["hqq"]])), options=load_options,
-       calibration=st.one_of(st.none(), junk, st.lists(st.lists(st.integers(-2, 200), max_size=4), max_size=2)))
+       calibration=st.one_of(st.none(), bad_token_ids, token_batches, junk))
 def test_load_succeeds_or_refuses_with_the_model_unchanged(backend, options, calibration):
     backend_ready("hqq")
     model = fresh("plain")
@@ -98,11 +104,12 @@ def test_load_succeeds_or_refuses_with_the_model_unchanged(backend, options, cal
 
 # ------------------------------------------------------------------------------------------------ merge
 @settings(settings.get_profile(PROFILE))
-@given(strategy=st.one_of(st.sampled_from(["requantize", "dequantize"]), junk),
-       max_error=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), junk),
-       policy=st.one_of(st.none(), st.sampled_from(["best", "fresh", "bogus"]), junk),
-       calibration=st.one_of(st.none(), junk, st.lists(st.lists(st.integers(-2, 200), min_size=1, max_size=6),
-                                                       min_size=1, max_size=2)))
+@given(strategy=st.one_of(st.sampled_from(["requantize", "dequantize"]), st.sampled_from(["bogus", ["requantize"], 5]),
+                          junk),
+       max_error=st.one_of(st.none(), st.floats(0, 2), st.sampled_from([math.nan, math.inf, -1.0, "0.1", True, 0]),
+                           junk),
+       policy=st.one_of(st.none(), st.sampled_from(["best", "fresh", "bogus", ["best"]]), junk),
+       calibration=st.one_of(st.none(), token_batches, bad_token_ids, junk))
 def test_merge_succeeds_or_refuses_with_the_model_unchanged(strategy, max_error, policy, calibration):
     model = fresh("lora")
     report = refused_cleanly(model, lambda: qadapt.merge(model, strategy, max_error=max_error, policy=policy,
