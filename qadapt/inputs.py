@@ -62,7 +62,9 @@ def refuse_converted(model, backend) -> None:
 
     asked = f"quantize a model with backend '{backend.name}'"
     hint = "Pass the full-precision model or its folder (qadapt.load(path, backend=...))"
-    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if hasattr(model, "peft_config") or any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         raise IncompatibleError(asked, "the model carries a PEFT adapter", hint)
     record = model.__dict__.get(ATTRIBUTE)
     if record is not None and record.backend is not None:

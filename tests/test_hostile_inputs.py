@@ -119,8 +119,9 @@ def test_an_already_quantized_or_adapted_model_is_refused_before_any_change(tiny
     unchanged_after(quantized, lambda: qadapt.load(quantized, backend="hqq"), qadapt.IncompatibleError,
                     "already quantized with 'bnb'")
     adapted = qadapt.attach(quantized, "lora")
-    with pytest.raises(qadapt.IncompatibleError, match="carries a PEFT adapter"):
-        qadapt.load(adapted, backend="hqq")
+    for carrier in (adapted, adapted.get_base_model()):  # the PeftModel, and the model inside it
+        with pytest.raises(qadapt.IncompatibleError, match="carries a PEFT adapter"):
+            qadapt.load(carrier, backend="hqq")
     unrecorded = qadapt.load(tiny_dir, backend="bnb")
     del unrecorded.__dict__["_qadapt_record"]  # only the layers say it: found by the registered backends' checks
     unrecorded.hf_quantizer = None
