@@ -19,11 +19,12 @@ TIERS = [
     ("command line", ["qadapt.cli", "qadapt.__main__"]),
     ("conformance kit", ["qadapt.testing"]),
     ("user API", ["qadapt", "qadapt.api"]),
-    ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.merging", "qadapt.proxy", "qadapt.memory"]),
+    ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.merging", "qadapt.proxy", "qadapt.memory",
+                       "qadapt.scope"]),
     ("plugin system", ["qadapt.plugins", "qadapt.hookspecs", "qadapt.backend", "qadapt.unquantized",
                        "qadapt.capabilities", "qadapt.record"]),
-    ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.peft_layers", "qadapt.merging.requant", "qadapt._version",
-                 "qadapt.quiet", "qadapt.progress"]),
+    ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.inventory", "qadapt.peft_layers", "qadapt.merging.requant",
+                 "qadapt._version", "qadapt.quiet", "qadapt.progress"]),
 ]
 
 
