@@ -285,10 +285,11 @@ def repair_parameter_wrappers(peft_model) -> int:
     so a PEFT that fixes them fails that test and this gate is revisited.
 
     A. stale LoRA proxies: ``lora.ParamWrapper._activate_lora`` registers a ``_LoraFactorsProxy`` parametrization
-       for the forward, but ``_remove_parametrizations`` only looks for ``_LoraParameterProxy`` when another
-       parametrization sits under it: every forward stacks one more proxy (the adapter applied twice, three times...;
-       a forward with gradients fails: "only Tensors of floating point dtype can require gradients").
-       Fix: a forward hook on each wrapper removes the proxies PEFT left.
+       for the forward (one adapter on a 3-D parameter), but ``_remove_parametrizations`` only looks for a
+       ``_LoraParameterProxy`` when another parametrization sits under it: every forward stacks one more proxy (the
+       adapter applied twice, three times...; a forward with gradients fails: "only Tensors of floating point dtype
+       can require gradients"), with the warning "Could not find any LoRA parametrization". Fix: each wrapper gets
+       an instance-level ``_remove_parametrizations`` that removes either proxy class.
     B. the inner of two nested wrappers has no effect: with ``gate_up_proj`` and ``down_proj`` of one experts module
        adapted, the inner wrapper registers its proxy inside the outer one's ``parametrize.cached()``; torch's
        ``register_parametrization`` reads the parametrized tensor (without LoRA) and that cached value is what the
@@ -300,21 +301,21 @@ def repair_parameter_wrappers(peft_model) -> int:
 
     if Version(peft.__version__) > Version(PARAM_WRAPPER_BUGS_UNTIL):
         return 0
+    import types
+
     import torch.nn.utils.parametrize as parametrize
-    from peft.tuners.lora.layer import ParamWrapper
+    from peft.tuners.lora.layer import ParamWrapper, _LoraFactorsProxy, _LoraParameterProxy
 
-    try:
-        from peft.tuners.lora.layer import _LoraFactorsProxy
-    except ImportError:  # pragma: no cover - a PEFT without bug A's proxy class
-        _LoraFactorsProxy = ()
-
-    def remove_stale_proxies(wrapper, args, output):
+    def remove_lora_proxy(wrapper):  # PEFT's _remove_parametrizations, both proxy classes recognised
         base = wrapper.get_base_layer()
-        if _LoraFactorsProxy and parametrize.is_parametrized(base, wrapper.parameter_name):
-            chain = base.parametrizations[wrapper.parameter_name]
-            for index in reversed(range(len(chain))):
-                if isinstance(chain[index], _LoraFactorsProxy):
-                    del chain[index]
+        chain = base.parametrizations[wrapper.parameter_name]
+        if len(chain) == 1:
+            parametrize.remove_parametrizations(base, wrapper.parameter_name, leave_parametrized=False)
+            return
+        for index in reversed(range(len(chain))):
+            if isinstance(chain[index], (_LoraParameterProxy, _LoraFactorsProxy)):
+                del chain[index]
+                return
 
     def drop_cached_values(module, args):
         for key in [key for key in parametrize._cache if key[0] == id(module)]:
@@ -326,7 +327,7 @@ def repair_parameter_wrappers(peft_model) -> int:
             base = module.get_base_layer()
             if not parametrize.is_parametrized(base):
                 continue  # a plain fused parameter: PEFT's own path is right
-            module.register_forward_hook(remove_stale_proxies, always_call=True)
+            module._remove_parametrizations = types.MethodType(remove_lora_proxy, module)
             module._qadapt_repaired = True
             bases[id(base)] = base
             hooked += 1

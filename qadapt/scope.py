@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import ArchitectureError
+from .errors import ArchitectureError, IncompatibleError
 from .inventory import LoadReport, WeightReport, matches, matmul_weights
 
 LOG = logging.getLogger("qadapt")
@@ -58,7 +58,8 @@ def report(model, backend, options, *, kept=None, allow=(), from_checkpoint=Fals
                                  reason, _bytes(modules, weight, storage_bytes), weight.role))
     if undeclared:
         names = ", ".join(list(undeclared)[:6]) + (" ..." if len(undeclared) > 6 else "")
-        raise ArchitectureError(asked, f"backend '{backend.name}' left {len(undeclared)} matmul weight(s) in full precision "
+        # not an ArchitectureError: the backend broke its own declaration (a bug to fix there, not a declared refusal)
+        raise IncompatibleError(asked, f"backend '{backend.name}' left {len(undeclared)} matmul weight(s) in full precision "
                                 f"without declaring it: {names}",
                                 "Report this to the backend's authors; pass allow_unquantized=[...] to accept it")
     return LoadReport(None if backend.name == "none" else backend.name, rows, conversions(model))

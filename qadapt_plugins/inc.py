@@ -186,15 +186,16 @@ class INCBackend(QuantBackend):
 
         from neural_compressor.torch.quantization import convert, prepare
 
-        from qadapt.hf import can_defuse, defuse_experts, load_full_precision
+        from qadapt.hf import load_full_precision, prepare_linear_layers
 
         _quiet_inc()
         if isinstance(model, str):
             model = load_full_precision(model, gpu=False)
         model.eval()
         kept = sorted(self.full_precision(model, options))
-        if can_defuse(model) is None:  # INC quantizes nn.Linear and Conv1D, not fused 3-D experts
-            defuse_experts(model)
+        # INC quantizes nn.Linear, not fused 3-D experts; and transformers' Conv1D only if transformers was imported
+        # before INC (neural_compressor/torch/quantization/config.py builds WOQ_WHITE_LIST at import, INC 3.10)
+        prepare_linear_layers(model)
         if options["algorithm"] == "gptq":
             if not calibration:
                 from qadapt.errors import InvalidOptionError

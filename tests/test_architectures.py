@@ -188,3 +188,38 @@ def _feedforward(model):
     from qadapt.inventory import clean_name
 
     return sorted(clean_name(n) for n, m in model.named_modules() if isinstance(m, IA3Layer) and m.is_feedforward)
+
+
+def test_the_declared_table_has_the_architecture_dimension():
+    """`qadapt matrix --architecture ...`: what each backend declares it cannot quantize on an architecture, asked of
+    the architecture's model on the meta device (no weights, no work)."""
+    backend_ready("torchao")
+    from qadapt.testing.matrix import declared_architecture_rows
+
+    rows = {(r["options"].get("scheme"), r["architecture"]): r
+            for r in declared_architecture_rows(["torchao"], ["llama", "gpt2", "mixtral"])}
+    assert rows[("int8_weight_only", "llama")]["supported"]
+    assert not rows[("int8_weight_only", "gpt2")]["supported"] and "Conv1D" in rows[("int8_weight_only", "gpt2")]["reason"]
+    assert "fused MoE expert" in rows[("int8_weight_only", "mixtral")]["reason"]
+
+
+def test_the_architecture_page_is_rendered_from_recorded_runs(tmp_path):
+    import json
+
+    from tools import panel_docs
+
+    def row(arch, method, operation, outcome, detail=""):
+        return {"backend": "hqq", "options": {}, "architecture": arch, "method": method, "operation": operation,
+                "outcome": outcome, "detail": detail}
+
+    refusal = ("load with backend 'hqq': 8 of 9 matmul weights would stay in full precision: a, b (Conv1D: not here) "
+               "(nothing was changed). Pass allow_unquantized=...")
+    results = [row("llama", "lora", op, "passed") for op in ("train", "merge", "save")]
+    results += [row("gpt2", "lora", op, "refused for this architecture", refusal) for op in ("train", "save")]
+    results += [row("opt", "lora", "train", "failed", "boom")]
+    record = {"date": "2026-12-01T00:00:00", "seconds": 1, "versions": {"hqq": "0.2.8"}, "command": "qadapt matrix",
+              "architectures": ["llama", "gpt2", "opt"], "results": results}
+    (tmp_path / "hqq-cpu.json").write_text(json.dumps(record))
+    page = panel_docs.render(panel_docs.load(str(tmp_path)))
+    assert "| hqq | defaults | cpu | passed | refused | **FAILED**: lora |" in page
+    assert "- **hqq** on gpt2: Conv1D: not here" in page and "opt: lora train: failed boom" in page

@@ -114,7 +114,7 @@ def test_allow_unquantized_keeps_them_and_the_report_says_so(half_scope):
 
 def test_a_weight_left_unquantized_without_being_declared_is_refused(half_scope):
     half_scope.full_precision = lambda model, options: {"lm_head": by_design("head")}  # says nothing of the MLPs
-    with pytest.raises(qadapt.ArchitectureError, match="without declaring it: model.layers.0.mlp.gate_proj"):
+    with pytest.raises(qadapt.IncompatibleError, match="without declaring it: model.layers.0.mlp.gate_proj"):
         qadapt.load(panel.build("llama"), backend="half-scope")
 
 
