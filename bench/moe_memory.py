@@ -8,7 +8,10 @@ Per architecture x backend it records the matmul weights' storage (MiB) and bits
 after (``qadapt.load_report``: every matmul weight, fused experts included, with what the backend stores for it), the
 share of matmul weights quantized, what stayed in full precision and why, the logits' relative error against the
 bfloat16 model, LoRA on the experts (adapter layers, two training steps, their loss) and the peak GPU memory of the
-training steps. Random weights (built from the configs): the numbers are about storage and plumbing, not quality.
+training steps; then the conformance kit's checks at that size: a re-quantizing merge (policy "fresh": one
+candidate, to bound the time) measured against the adapter model, unmerge bit-exact, save and reload identical
+(``--no-merge`` skips them). Random weights (built from the configs): the numbers are about storage and plumbing, not
+quality.
 """
 
 from __future__ import annotations
@@ -63,7 +66,38 @@ def matmul_storage(model) -> tuple[int, int]:
     return total_bytes, total
 
 
-def run_one(arch, label, tiny, device, steps):
+def relative(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def merge_cycle(peft_model, batch, folder):
+    """Merge (re-quantize, measured), unmerge (exact?), save and reload (identical?): the kit's checks."""
+    import torch
+
+    import qadapt
+
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(input_ids=batch).logits
+    started = time.perf_counter()
+    report = qadapt.merge(peft_model, policy="fresh", calibration=batch)
+    merge_seconds = time.perf_counter() - started
+    with torch.no_grad():
+        merged_error = relative(peft_model(input_ids=batch).logits, adapted)
+    qadapt.unmerge(peft_model)
+    with torch.no_grad():
+        exact = torch.equal(peft_model(input_ids=batch).logits, adapted)
+    started = time.perf_counter()
+    qadapt.save(peft_model, folder, overwrite=True)
+    reloaded = qadapt.load(folder)
+    with torch.no_grad():
+        reload_error = relative(reloaded(input_ids=batch).logits, adapted)
+    return {"merge_output_error": round(merged_error, 4), "merge_report_error": round(report.output_error, 4),
+            "merged_layers": len(report.layers), "merge_seconds": round(merge_seconds, 1), "unmerge_exact": exact,
+            "reload_error": reload_error, "save_reload_seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_one(arch, label, tiny, device, steps, merge=True):
     import torch
 
     import qadapt
@@ -113,6 +147,11 @@ def run_one(arch, label, tiny, device, steps):
         "lora_trainable_expert_tensors": len(experts), "losses": losses, "train_seconds": round(train_seconds, 2),
         "peak_train_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None,
     }
+    if merge:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="qadapt-moe-") as folder:
+            row.update(merge_cycle(peft_model, batch, folder + "/saved"))
     del peft_model, quantized, optimizer
     gc.collect()
     if device.startswith("cuda"):
@@ -129,6 +168,7 @@ def main(argv=None) -> int:
     parser.add_argument("--architecture", action="append", choices=sorted(SHAPES))
     parser.add_argument("--backend", action="append", choices=sorted(BACKENDS))
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--no-merge", action="store_true", help="skip merge / unmerge / save-reload")
     args = parser.parse_args(argv)
     device = "cuda:0" if torch.cuda.is_available() and not args.tiny else "cpu"
     rows = []
@@ -136,7 +176,7 @@ def main(argv=None) -> int:
     for arch in args.architecture or sorted(SHAPES):
         for label in args.backend or sorted(BACKENDS):
             try:
-                rows.append(run_one(arch, label, args.tiny, device, args.steps))
+                rows.append(run_one(arch, label, args.tiny, device, args.steps, merge=not args.no_merge))
             except Exception as exc:  # noqa: BLE001 - recorded, the other cells still run
                 rows.append({"architecture": arch, "backend": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(json.dumps(rows[-1]), flush=True)
