@@ -11,11 +11,11 @@ def variants(backend) -> list[dict]:
     return [dict(v) for v in backend.matrix_variants] + [dict(v) for v in backend.gpu_variants]
 
 
-def declared_rows(names=None) -> list[dict]:
-    """Every declared cell of every registered backend (or those in ``names``) and option set, with its reason."""
+def _declared_variants(names):
+    """``(name, backend, options, resolved options)`` of every registered backend (or those in ``names``) and option
+    set the matrix declares."""
     from ..plugins import registrations
 
-    rows = []
     for name, registration in registrations().items():
         if names and name not in names:
             continue
@@ -27,12 +27,19 @@ def declared_rows(names=None) -> list[dict]:
                 if options in [dict(v) for v in backend.gpu_variants]:
                     continue  # e.g. a GPU-only kernel on a CPU machine: declared only where it can be chosen
                 raise
-            table = backend.capabilities(resolved)
-            for method in METHODS:
-                for operation in OPERATIONS:
-                    cell = table[(method, operation)]
-                    rows.append({"backend": name, "options": options, "method": method, "operation": operation,
-                                 "supported": cell.supported, "reason": cell.reason, "hint": cell.hint})
+            yield name, backend, options, resolved
+
+
+def declared_rows(names=None) -> list[dict]:
+    """Every declared cell of every registered backend (or those in ``names``) and option set, with its reason."""
+    rows = []
+    for name, backend, options, resolved in _declared_variants(names):
+        table = backend.capabilities(resolved)
+        for method in METHODS:
+            for operation in OPERATIONS:
+                cell = table[(method, operation)]
+                rows.append({"backend": name, "options": options, "method": method, "operation": operation,
+                             "supported": cell.supported, "reason": cell.reason, "hint": cell.hint})
     return rows
 
 
@@ -44,7 +51,6 @@ def declared_architecture_rows(names=None, architectures=None) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..plugins import registrations
     from . import panel
 
     shapes = {}
@@ -52,29 +58,21 @@ def declared_architecture_rows(names=None, architectures=None) -> list[dict]:
         with torch.device("meta"):
             shapes[arch] = AutoModelForCausalLM.from_config(panel.config(arch))
     rows = []
-    for name, registration in registrations().items():
-        if names and name not in names:
-            continue
-        backend = registration.backend
-        for options in variants(backend):
+    for name, backend, options, resolved in _declared_variants(names):
+        for arch, model in shapes.items():
             try:
-                resolved = backend.validate_options(options)
-            except QadaptError:
+                kept = backend.full_precision(model, resolved)
+            except Exception as exc:  # noqa: BLE001 - a declaration that fails is shown, not raised
+                rows.append({"backend": name, "options": options, "architecture": arch, "supported": False,
+                             "reason": f"full_precision() raised {type(exc).__name__}: {exc}"})
                 continue
-            for arch, model in shapes.items():
-                try:
-                    kept = backend.full_precision(model, resolved)
-                except Exception as exc:  # noqa: BLE001 - a declaration that fails is shown, not raised
-                    rows.append({"backend": name, "options": options, "architecture": arch, "supported": False,
-                                 "reason": f"full_precision() raised {type(exc).__name__}: {exc}"})
-                    continue
-                refused: dict = {}
-                for weight, keep in kept.items():
-                    if not keep.by_design:
-                        refused.setdefault(keep.reason, []).append(weight)
-                reason = "; ".join(f"{len(w)} weight(s) such as {w[0]}: {r}" for r, w in refused.items())
-                rows.append({"backend": name, "options": options, "architecture": arch, "supported": not refused,
-                             "reason": reason or "every matmul weight in the backend's scope is quantized"})
+            refused: dict = {}
+            for weight, keep in kept.items():
+                if not keep.by_design:
+                    refused.setdefault(keep.reason, []).append(weight)
+            reason = "; ".join(f"{len(w)} weight(s) such as {w[0]}: {r}" for r, w in refused.items())
+            rows.append({"backend": name, "options": options, "architecture": arch, "supported": not refused,
+                         "reason": reason or "every matmul weight in the backend's scope is quantized"})
     return rows
 
 
