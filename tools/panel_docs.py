@@ -58,9 +58,15 @@ def cells(record: dict) -> dict:
         key = (json.dumps(row["options"], sort_keys=True), row["architecture"])
         cell = table.setdefault(key, {"methods": {}, "reasons": [], "failures": []})
         method, outcome = row.get("method", "-"), row["outcome"]
+        # a method's summary: failed if any cell failed, refused if refused for the architecture, else what its
+        # training did (a declared refusal of one merge, as AQLM's re-quantizing one, is part of passing)
         previous = cell["methods"].get(method)
-        if outcome.startswith("failed") or previous is None or previous == "passed":
-            cell["methods"][method] = "failed" if outcome.startswith("failed") else outcome
+        if outcome.startswith("failed"):
+            cell["methods"][method] = "failed"
+        elif outcome == REFUSED and previous != "failed":
+            cell["methods"][method] = REFUSED
+        elif row.get("operation") == "train" and previous is None:
+            cell["methods"][method] = outcome
         if outcome == REFUSED and row.get("detail") and _short(row["detail"]) not in cell["reasons"]:
             cell["reasons"].append(_short(row["detail"]))
         if outcome not in PASSING:
@@ -81,7 +87,8 @@ def describe(cell: dict) -> str:
     parts = []
     for outcome in ("failed", "passed", REFUSED, "refused as declared", "unavailable", "skipped"):
         if outcome in outcomes:
-            label = {"failed": "**FAILED**", REFUSED: "refused", "refused as declared": "refused (table)"}.get(outcome, outcome)
+            label = {"failed": "**FAILED**", REFUSED: "refused",
+                     "refused as declared": "refused as declared (capability table)"}.get(outcome, outcome)
             parts.append(f"{label}: {', '.join(outcomes[outcome])}")
     return "; ".join(parts)
 
@@ -93,9 +100,10 @@ def render(records: list[dict]) -> str:
              "(`qadapt matrix --verify --backend <backend> --architecture all`). Do not edit by hand.", "",
              "Every backend option set runs the conformance kit (`qadapt.testing.check_backend`) for the five adapter "
              "methods on each architecture of the panel (`qadapt.testing.panel`: tiny random models built from the "
-             "transformers configs, 2 layers, hidden 128). A cell is **passed** (every method: trains changing only "
-             "adapter weights with an adapter on every quantized matmul weight, merges measured, unmerges exactly, "
-             "saves and reloads identically), **refused** (refused before any work for that architecture: the "
+             "transformers configs, 2 layers, hidden 128). A cell is **passed** (every method behaves as the "
+             "capability table declares: trains changing only adapter weights with an adapter on every quantized "
+             "matmul weight, merges measured, unmerges exactly, saves and reloads identically; a declared refusal of "
+             "one operation, as AQLM's re-quantizing merge, is part of passing), **refused** (refused before any work for that architecture: the "
              "backend declares it cannot quantize part of it, `QuantBackend.full_precision`, or PEFT has no way to "
              "put that adapter on it; the reason is listed below), a mix per method, or **FAILED**.", ""]
     if not records:

@@ -155,8 +155,9 @@ def build(model, inner, backend, strategy, candidate: Candidate, found: list[Tar
         else:  # a layer the backend left in full precision: merged exactly
             new_base = target.owner.requantize(target.base, target.merged)
         if target.bias_scale is not None and getattr(target.base, "bias", None) is not None:
-            # in the new layer's bias dtype: a de-quantized merge's nn.Linear is float32 where EETQ's bias is float16
-            dtype = new_base.bias.dtype if getattr(new_base, "bias", None) is not None else target.base.bias.dtype
+            # a de-quantized merge's nn.Linear is in the model's dtype where EETQ's bias is float16; a re-quantized layer
+            # keeps the base's bias dtype (INC's forward turns its bias to float32 in place, and refuses a new one)
+            dtype = new_base.bias.dtype if strategy == "dequantize" else target.base.bias.dtype
             new_base.bias = torch.nn.Parameter((target.base.bias.detach() * target.bias_scale).to(dtype),
                                                requires_grad=False)
         delta = target.merged - target.weight
