@@ -6,6 +6,7 @@
     nox -t compat           the oldest and newest supported PEFT x transformers pairs
     nox -s demo             set up and run `qadapt demo` (bnb, hqq, torchao); nox -s demo-all: every backend
     nox -s matrix           `qadapt matrix --verify` per backend environment -> docs/compatibility.md
+    nox -t panel            the architecture panel per backend environment -> docs/architectures.md (not in ci)
     nox -s bench_attach     attach overhead with every backend installed vs plain PEFT with none
     nox -s properties       the property-based contract tests with the long hypothesis profile (not in CI)
 
@@ -128,6 +129,26 @@ def matrix(session, backend):
     os.makedirs("docs/matrix", exist_ok=True)
     session.run("qadapt", "matrix", "--verify", "--backend", backend, "--output", f"docs/matrix/{backend}-cpu.json",
                 env=ENV, success_codes=[0, 1])
+
+
+@nox.session(tags=["panel"])
+@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+def panel(session, backend):
+    """The conformance kit on every architecture of the panel (qadapt.testing.panel) for one backend in its own
+    environment; writes docs/matrix/panel/<backend>-cpu.json (about 2-4 minutes a backend on 2 cores; gptq far
+    longer: it quantizes with calibration for every cell)."""
+    install(session, backend)
+    os.makedirs("docs/matrix/panel", exist_ok=True)
+    session.run("qadapt", "matrix", "--verify", "--backend", backend, "--architecture", "all", "--output",
+                f"docs/matrix/panel/{backend}-cpu.json", env=ENV, success_codes=[0, 1])
+
+
+@nox.session(name="panel-docs")
+def panel_docs(session):
+    """Render docs/architectures.md from the recorded panel runs in docs/matrix/panel/."""
+    session.install(TORCH)
+    session.install("-e", ".", *CONSTRAINTS)
+    session.run("python", "tools/panel_docs.py", "docs/matrix/panel", "docs/architectures.md")
 
 
 @nox.session(name="matrix-docs")

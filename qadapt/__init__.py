@@ -16,6 +16,7 @@ from ._version import __version__
 from .backend import Environment, Option, QuantBackend
 from .capabilities import METHODS, OPERATIONS, Support
 from .errors import (
+    ArchitectureError,
     BackendUnavailableError,
     CheckpointError,
     IncompatibleError,
@@ -28,10 +29,10 @@ from .errors import (
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers: the real functions, with their signatures
-    from .api import attach, load, load_adapter, merge, prepare, save, unmerge
+    from .api import attach, load, load_adapter, load_report, merge, prepare, save, unmerge
 
 #: the user API, imported from :mod:`qadapt.api` on first use (``help(qadapt.load)`` shows the real signature)
-_API = ("load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter")
+_API = ("load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "load_report")
 
 
 def __getattr__(name: str):
@@ -63,8 +64,8 @@ def get_backend(name: str) -> QuantBackend:
 
 
 __all__ = [
-    "load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "backends", "get_backend", "hookimpl",
-    "QuantBackend", "Option", "Environment", "Support", "METHODS", "OPERATIONS",
+    "load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "load_report", "backends", "get_backend",
+    "hookimpl", "QuantBackend", "Option", "Environment", "Support", "METHODS", "OPERATIONS",
     "QadaptError", "UnknownBackendError", "BackendUnavailableError", "InvalidOptionError", "IncompatibleError",
-    "MergeRefusedError", "CheckpointError", "PluginError", "__version__",
+    "ArchitectureError", "MergeRefusedError", "CheckpointError", "PluginError", "__version__",
 ]

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import adapters, checkpoint, inputs, progress, proxy, quiet
+from . import adapters, checkpoint, inputs, progress, proxy, quiet, scope
 from .capabilities import MERGE_STRATEGIES, METHODS
-from .errors import CheckpointError, IncompatibleError, InvalidOptionError, QadaptError
+from .errors import ArchitectureError, CheckpointError, IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
+from .hf import checkpoint_shape
 from .plugins import backend_of, quiet_libraries, ready_backend
 from .record import Record, base_model, get_record, set_record
 from .rollback import restored_on_failure
@@ -19,14 +20,21 @@ quiet_libraries()  # the known harmless messages of the backend libraries (QADAP
 
 
 # ---------------------------------------------------------------------------------------------------------- load
-def load(model: Any, backend: str | None = None, *, calibration: Any = None, tokenizer: Any = None, **options):
+def load(model: Any, backend: str | None = None, *, calibration: Any = None, tokenizer: Any = None,
+         allow_unquantized=(), **options):
     """Load or quantize a causal LM with ``backend``; or restore a folder written by :func:`save`.
 
     :param model: a ``PreTrainedModel`` in full precision, a path to a transformers folder (full precision, or already
         quantized in ``backend``'s format), or a folder written by :func:`qadapt.save` (then leave ``backend`` out).
     :param backend: the backend's name (``qadapt backends`` lists them).
     :param calibration: for backends that need it: a list of texts (with ``tokenizer``) or of token-id tensors.
+    :param allow_unquantized: matmul weights (full names, name suffixes or ``fnmatch`` patterns) that may stay in full
+        precision although the backend's scope includes them. Without it, a load that would leave such a weight
+        unquantized (a layer kind or shape the backend cannot take) is refused before any work, naming the layers.
     :param options: the backend's options (``qadapt backends --json`` lists them), checked before any work.
+
+    What the load did (every matmul weight, quantized or kept in full precision and why, bits per weight) is logged
+    once at INFO on the ``qadapt`` logger and returned by :func:`load_report`.
 
     Backends built on transformers' loaders (bnb, torchao, gptq, awq) quantize a copy; backends that replace layers
     one by one (hqq, inc, aqlm, eetq) convert an in-memory model in place. Pass a path to keep the original.
@@ -59,6 +67,7 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
                                  "Pass backend='name' (run `qadapt backends` for the list)")
     quant = ready_backend(backend, f"load with backend '{backend}'")
     resolved = quant.validate_options(options)
+    allow = _patterns(allow_unquantized)
     if isinstance(model, str) and not os.path.isdir(model):
         raise InvalidOptionError(
             f"load {model!r}", "no such folder (qadapt never downloads models)", "Pass a local folder or a PreTrainedModel"
@@ -67,7 +76,12 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         inputs.check_model_folder(model)
     else:
         inputs.refuse_converted(model, quant)
-    if isinstance(model, str) and quant.is_quantized_checkpoint(model):
+    prequantized = isinstance(model, str) and quant.is_quantized_checkpoint(model)
+    kept = None
+    if not prequantized:
+        kept = scope.check_before(model if not isinstance(model, str) else checkpoint_shape(model), quant, resolved,
+                                  allow, f"load with backend '{backend}'")
+    if prequantized:
         with progress.step(f"load {model!r} with {backend}", heartbeat=True):
             loaded = quant.load(model, resolved)
     else:
@@ -81,8 +95,27 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         with progress.step(f"quantize with {backend}" + (" (calibrating)" if batches else ""), heartbeat=True):
             loaded = quant.quantize(model, resolved, calibration=batches)
     inputs.check_loaded(loaded, quant)
-    set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version()))
+    report = scope.report(loaded, quant, resolved, kept=kept, allow=allow, from_checkpoint=prequantized,
+                          asked=f"load with backend '{backend}'")
+    set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version(),
+                              allow_unquantized=allow))
+    scope.record_report(loaded, report)
     return loaded
+
+
+def load_report(model):
+    """What :func:`load` did with ``model``'s matmul weights: a :class:`qadapt.inventory.LoadReport` (``print`` it;
+    ``.weights`` lists every one, ``.bits_per_weight``), or None for a model qadapt did not load."""
+    return get_record(model).load_report
+
+
+def _patterns(allow) -> tuple:
+    if isinstance(allow, str):
+        allow = (allow,)
+    if not isinstance(allow, (list, tuple, set, frozenset)) or not all(isinstance(item, str) for item in allow):
+        raise InvalidOptionError(f"allow_unquantized={allow!r}", "expected a list of names or patterns",
+                                 "Pass e.g. allow_unquantized=['shared_expert_gate', '*.c_attn']")
+    return tuple(allow)
 
 
 # ---------------------------------------------------------------------------------------------------------- attach
@@ -90,7 +123,8 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
     """Attach a PEFT adapter; returns a standard ``peft.PeftModel`` whose only trainable weights are the adapter's.
 
     :param method: ``"lora"``, ``"dora"``, ``"vera"``, ``"adalora"`` or ``"ia3"``.
-    :param target_modules: ``"all-linear"`` (every linear or quantized layer but the output head), or PEFT's forms.
+    :param target_modules: ``"all-linear"`` (every linear, Conv1D or quantized layer but the output head and MoE
+        routers, and with LoRA the fused 3-D expert parameters of MoE models too), or PEFT's forms.
     :param options: the PEFT config's options (``r``, ``lora_alpha``, ``total_step`` for AdaLoRA, ...).
     """
     import peft
@@ -117,7 +151,15 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
     targets = adapters.target_names(model, backend, target_modules)
     matched = inputs.check_target_modules(model, targets, method)
     inputs.check_adapter_options(method, options, inputs.widest_layer(model, matched))
-    config = adapters.peft_config(method, targets, model, options)
+    parameters = adapters.target_parameters(model) if target_modules == "all-linear" else ()
+    if parameters and method != "lora":
+        raise ArchitectureError(
+            _on(f"attach {method!r} with target_modules='all-linear'", record),
+            f"this model's MoE experts are fused 3-D parameters ({parameters[0]}, ...), which PEFT adapts with LoRA "
+            "only (lora.ParamWrapper)",
+            "Use method='lora', or name target_modules=[...] to adapt the other layers only",
+        )
+    config = adapters.peft_config(method, targets, model, options, parameters=parameters)
     adapters.register_custom_layers(config, backend)
     rewrites_weights = isinstance(getattr(config, "init_lora_weights", None), str) \
         and config.init_lora_weights != "gaussian"
@@ -125,8 +167,9 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
         with restored_on_failure(model, copy_tensors=rewrites_weights):
             if method in backend.proxy_methods:
                 proxy.wrap(model, adapters.proxy_targets(model, targets), backend)
-            with adapters.fast_dispatch(backend), quiet.known_warnings():
+            with adapters.fast_dispatch(backend), adapters.explicit_targets(), quiet.known_warnings():
                 peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+            adapters.repair_parameter_wrappers(peft_model)
             adapters.freeze_constants(peft_model)
     except QadaptError:
         raise
@@ -225,4 +268,4 @@ def load_adapter(model, path, *, strict: bool = True, is_trainable: bool = False
     return checkpoint.load_adapter(model, os.fspath(path), strict=strict, is_trainable=is_trainable)
 
 
-__all__ = ["load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "QadaptError"]
+__all__ = ["load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "load_report", "QadaptError"]

@@ -320,6 +320,35 @@ class QuantBackend(abc.ABC):
         inputs, or None)."""
         raise NotImplementedError(f"backend '{self.name}' cannot re-quantize")
 
+    def full_precision(self, model: "torch.nn.Module", options: dict[str, Any]) -> dict[str, Any]:
+        """The matmul weights of ``model`` that :meth:`quantize` will leave in full precision, decided before any work:
+        ``{name: qadapt.inventory.by_design(reason)}`` for what the backend's recipe keeps (its scope ends there),
+        ``{name: qadapt.inventory.cannot(reason)}`` for what it cannot quantize on this architecture. Names are those
+        of :func:`qadapt.inventory.matmul_weights`. ``qadapt.load`` refuses a load that would leave a ``cannot`` weight
+        in full precision (before :meth:`quantize` runs) unless the user allows it with ``allow_unquantized=``; then
+        :meth:`quantize` must leave exactly these in full precision (call this method there). After the load,
+        a weight left in full precision that this method did not name is refused too.
+
+        ``model`` may be on the meta device (a folder is checked from its config). Default: the output head and MoE
+        routers, by design."""
+        from .inventory import by_design, matmul_weights
+
+        kept = {}
+        for weight in matmul_weights(model):
+            if weight.role == "head":
+                kept[weight.name] = by_design("output head: kept in full precision, as transformers' quantizers do")
+            elif weight.role == "router":
+                kept[weight.name] = by_design("MoE router: kept in full precision (gptqmodel's and transformers' "
+                                              "MoE recipes; under 0.5% of the weights)")
+        return kept
+
+    def requantize_parameters(self, module: "torch.nn.Module", weights: dict) -> "torch.nn.Module":
+        """A copy of ``module`` (a fused-experts module whose 3-D parameters this backend quantized in place, e.g.
+        with a ``torch.nn.utils.parametrize`` parametrization) holding ``weights`` (``{parameter name: float32
+        tensor}``) quantized the same way; ``module`` is not changed. Needed to merge an adapter on such parameters
+        with ``strategy="requantize"`` (de-quantizing them is reading the parametrized attribute)."""
+        raise NotImplementedError(f"backend '{self.name}' cannot re-quantize fused expert parameters")
+
     def peft_layer_types(self) -> dict[type, Any]:
         """Extra ``{quantized layer class: LoRA layer factory}`` for layers PEFT does not know (see PEFT's
         ``LoraConfig._register_custom_module`` and :func:`qadapt.peft_layers.requantizing_lora_layer`). Default:

@@ -43,6 +43,11 @@ class IncompatibleError(QadaptError):
     """The capability table says no to this backend x method x operation."""
 
 
+class ArchitectureError(IncompatibleError):
+    """The backend (or adapter method) cannot handle part of this model's architecture: layers it cannot quantize or
+    adapt. Raised before any work; the message names the layers."""
+
+
 class MergeRefusedError(QadaptError):
     """A merge was measured and refused (its error exceeded ``max_error``); the model is unchanged. ``report`` is the
     :class:`qadapt.merging.MergeReport` of the refused merge (which layers lost most), where one was measured."""

@@ -11,7 +11,10 @@ import copy
 import json
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
+
+_patch_lock = threading.RLock()
 
 
 def is_installed(distribution: str) -> bool:
@@ -101,14 +104,44 @@ def quiet_transformers() -> None:
 
 
 def save_full_precision(model, path) -> None:
-    """Save a model whose layers are all plain (no quantization config) as a standard transformers folder."""
-    from safetensors.torch import save_model
+    """Save a model whose layers are all plain (no quantization config) as a standard transformers folder. Layers
+    :func:`linearize` or :func:`defuse_experts` converted are written in the architecture's own layout (Conv1D
+    weights transposed back, per-expert weights fused again), so that ``from_pretrained`` reads the folder as any other
+    of that architecture."""
+    from safetensors.torch import save_file, save_model
 
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(path)
-    save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    done = conversions(model)
+    if not done:
+        save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    state = unshared_state_dict(model)
+    for name, original in done.get("linearized", {}).items():
+        if original == "Conv1D":
+            state[f"{name}.weight"] = state[f"{name}.weight"].t().contiguous()
+    for name in done.get("defused", {}).get("modules", []):
+        _fuse_experts_state(state, name, model.get_submodule(name))
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _fuse_experts_state(state: dict, name: str, experts) -> None:
+    """Per-expert ``{name}.{i}.{gate,up,down}_proj.weight`` tensors of ``state`` back into transformers 5's fused
+    ``{name}.gate_up_proj`` (experts, 2 x intermediate, hidden: gate rows first) and ``{name}.down_proj``, the layout
+    defuser split them from (concatenated, not transposed, no bias)."""
+    import torch
+
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True) \
+            or getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
+        raise NotImplementedError(f"{name}: fusing back this experts layout (transposed, interleaved or with biases) "
+                                  "is not implemented")
+    count = len([key for key in experts._modules if key.isdigit()])
+    take = lambda i, part: state.pop(f"{name}.{i}.{part}.weight")  # noqa: E731
+    gate_up = [torch.cat([take(i, "gate_proj"), take(i, "up_proj")], dim=0) for i in range(count)]
+    state[f"{name}.gate_up_proj"] = torch.stack(gate_up).contiguous()
+    state[f"{name}.down_proj"] = torch.stack([take(i, "down_proj") for i in range(count)]).contiguous()
 
 
 def load_full_precision(path, gpu=True, **from_pretrained):
@@ -152,3 +185,305 @@ def unshared_state_dict(model) -> dict:
         seen.add(tensor.untyped_storage().data_ptr())
         state[key] = tensor
     return state
+
+
+# ------------------------------------------------------------------------------------------ architecture conversions
+#: the attribute of a model where the conversions below record what they did (kept out of state_dict and config)
+CONVERSIONS = "_qadapt_conversions"
+#: the file in a saved base folder that records them, so that a loader building the model from its config applies them
+CONVERSIONS_FILE = "qadapt_conversions.json"
+#: ``nn.Linear`` subclasses of transformers whose forward is ``x @ W.T + b`` like ``F.linear``, but that integrations
+#: matching ``type(module) is nn.Linear`` skip (transformers 5.23's bitsandbytes replacement) or whose ``W.T`` a
+#: tensor-subclass weight cannot run (torchao's Int8Tensor has no ``aten.permute``): ``{module: class names}``
+F_LINEAR_SUBCLASSES = {"transformers.models.falcon.modeling_falcon": ("FalconLinear",)}
+
+
+def conversions(model) -> dict:
+    """What :func:`linearize` and :func:`defuse_experts` did to ``model`` (empty: nothing)."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return dict(inner.__dict__.get(CONVERSIONS, {}))
+
+
+def _record_conversion(model, kind: str, value) -> None:
+    model.__dict__.setdefault(CONVERSIONS, {})[kind] = value
+
+
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its family): a linear layer whose weight is stored (in, out)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _is_f_linear_subclass(module) -> bool:
+    import torch
+
+    cls = type(module)
+    if cls is torch.nn.Linear or not isinstance(module, torch.nn.Linear):
+        return False
+    return cls.forward is torch.nn.Linear.forward or cls.__name__ in F_LINEAR_SUBCLASSES.get(cls.__module__, ())
+
+
+def linearize(model, skip=()) -> dict:
+    """Make every dense matmul layer of ``model`` a plain ``nn.Linear``, in place, so that a backend replacing
+    ``nn.Linear`` layers quantizes them all; the output head and names in ``skip`` are left. Returns and records
+    ``{name: original class name}`` (saved by :func:`save_conversions`, replayed by :func:`model_from_config`).
+
+    * transformers' ``Conv1D`` stores its weight (in, out) and computes ``addmm(b, x, W)``: it becomes
+      ``nn.Linear(in, out)`` with the weight transposed (a copy). No maintained library offers this conversion:
+      gptqmodel and INC convert Conv1D inside their own quantizers only, PEFT transposes it itself (fan_in_fan_out).
+    * ``nn.Linear`` subclasses whose forward is ``F.linear`` (:data:`F_LINEAR_SUBCLASSES`, or any that does not
+      override ``forward``) become ``nn.Linear`` sharing the same parameters. Subclasses with a forward of their own
+      (routers) are left alone: the load report names them.
+    """
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    converted = {}
+    for name, module in list(model.named_modules()):
+        if not name or module is head or any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        if is_conv1d(module):
+            in_features, out_features = module.weight.shape
+            linear = torch.nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
+            linear.weight = torch.nn.Parameter(module.weight.detach().t().contiguous(),
+                                               requires_grad=module.weight.requires_grad)
+            linear.bias = module.bias
+        elif _is_f_linear_subclass(module):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     device="meta")
+            linear.weight, linear.bias = module.weight, module.bias
+        else:
+            continue
+        converted[name] = type(module).__name__
+        replace_module(model, name, linear)
+    if converted:
+        _record_conversion(model, "linearized", {**conversions(model).get("linearized", {}), **converted})
+    return converted
+
+
+@contextmanager
+def plain_linear_classes():
+    """While active, transformers builds the :data:`F_LINEAR_SUBCLASSES` as plain ``nn.Linear`` (same weight layout,
+    same forward): for backends that quantize through ``from_pretrained`` (bitsandbytes, torchao), whose replacement
+    skips ``nn.Linear`` subclasses or whose tensor subclass cannot run Falcon's ``input @ weight.T``. Model code looks
+    these classes up as module globals when it builds a layer, so the swap is scoped to the block (and a lock)."""
+    import importlib
+
+    import torch
+
+    with _patch_lock:
+        saved = []
+        for module_name, names in F_LINEAR_SUBCLASSES.items():
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:  # pragma: no cover - an older transformers without this model
+                continue
+            for name in names:
+                if hasattr(module, name):
+                    saved.append((module, name, getattr(module, name)))
+                    setattr(module, name, torch.nn.Linear)
+        try:
+            yield
+        finally:
+            for module, name, value in saved:
+                setattr(module, name, value)
+
+
+def fused_experts_modules(model) -> list[str]:
+    """Names of the modules holding fused 3-D expert parameters (transformers 5's ``*Experts`` classes)."""
+    from .inventory import expert_parameters
+
+    return [name for name, module in model.named_modules() if expert_parameters(module)]
+
+
+def defuse_experts(model) -> list[str]:
+    """Split every fused experts module of ``model`` into per-expert ``nn.Linear`` layers, in place, with defuser
+    (``defuser.convert_model``, the library gptqmodel uses; logits are bit-identical), so that a backend replacing
+    ``nn.Linear`` layers quantizes the experts. Returns and records the names of the experts modules split.
+
+    Raises ``RuntimeError`` if a fused expert parameter is left: ``convert_model`` returns True even when it split
+    nothing (defuser 0.0.28), so qadapt checks the model itself. defuser prints the modules it converts to stdout;
+    that is silenced. Only the per-model conversion is used: ``defuser.replace_fused_blocks`` patches transformers'
+    classes for the whole process (see :func:`restore_defuser_patches`).
+    """
+    import contextlib
+    import io
+
+    import defuser
+
+    before = fused_experts_modules(model)
+    if not before:
+        return []
+    with contextlib.redirect_stdout(io.StringIO()):
+        defuser.convert_model(model)
+    left = fused_experts_modules(model)
+    if left:
+        raise RuntimeError(f"defuser {_version('defuser')} left fused expert parameters in {left[:3]}")
+    _record_conversion(model, "defused", {"library": "defuser", "version": _version("defuser"), "modules": before})
+    return before
+
+
+def can_defuse(model) -> str | None:
+    """Why :func:`defuse_experts` cannot split ``model``'s experts, or None if it can. Imports defuser only when the
+    model has fused experts."""
+    if not fused_experts_modules(model):
+        return None
+    if not is_importable("defuser"):
+        return "the defuser package is not installed (pip install defuser)"
+    from defuser.model_registry import MODEL_CONFIG
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_CONFIG:
+        return f"defuser {_version('defuser')} has no conversion for model_type {model_type!r}"
+    return None
+
+
+def prepare_linear_layers(model) -> None:
+    """For backends that replace ``nn.Linear`` layers one by one: split fused MoE experts into per-expert
+    ``nn.Linear`` layers (:func:`defuse_experts`, where defuser can) and make transformers' ``Conv1D`` and
+    ``FalconLinear`` ``nn.Linear`` (:func:`linearize`); both recorded for :func:`save_conversions`."""
+    if can_defuse(model) is None:  # otherwise full_precision() refused the experts, or the user allowed them
+        defuse_experts(model)
+    linearize(model)
+
+
+def refuse_fused_experts(kept: dict, model) -> dict:
+    """``kept`` (a :meth:`~qadapt.QuantBackend.full_precision` answer) plus a refusal of every fused expert parameter
+    of ``model`` where defuser cannot split them (not installed, or an architecture it does not know): for backends
+    that quantize experts after :func:`prepare_linear_layers`."""
+    from .inventory import cannot, matmul_weights
+
+    problem = can_defuse(model)
+    if problem:
+        for weight in matmul_weights(model):
+            if weight.kind == "experts":
+                kept[weight.name] = cannot(f"fused MoE expert parameter, split into per-expert layers with defuser "
+                                           f"before quantizing: {problem}")
+    return kept
+
+
+@contextmanager
+def restore_defuser_patches():
+    """Undo, at the end of the block, the process-wide patches ``defuser.replace_fused_blocks`` makes (gptqmodel
+    calls it on every load: transformers' MoE block classes and its checkpoint conversion mapping are replaced, so
+    every model of those types built afterwards in the process, by any backend, would be defused)."""
+    import importlib
+
+    saved = []
+    try:
+        from defuser.model_registry import MODEL_CONFIG, PATCH
+    except Exception:  # defuser not installed: nothing can patch
+        yield
+        return
+    for config in MODEL_CONFIG.values():
+        for original, _ in config.get(PATCH.REPLACE_MODULE, []):
+            module_name, _, class_name = original.rpartition(".")
+            try:
+                module = importlib.import_module(module_name)
+            except Exception:
+                continue
+            if hasattr(module, class_name):
+                saved.append((module, class_name, getattr(module, class_name)))
+    for module_name in ("transformers.conversion_mapping", "transformers.modeling_utils"):
+        module = importlib.import_module(module_name)
+        if hasattr(module, "get_checkpoint_conversion_mapping"):
+            saved.append((module, "get_checkpoint_conversion_mapping", module.get_checkpoint_conversion_mapping))
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def save_conversions(model, path) -> None:
+    """Write what :func:`linearize` / :func:`defuse_experts` did into the base folder ``path`` (nothing if nothing)."""
+    done = conversions(model)
+    if done:
+        with open(os.path.join(path, CONVERSIONS_FILE), "w", encoding="utf-8") as handle:
+            json.dump(done, handle, indent=2, sort_keys=True)
+
+
+def model_from_config(path, dtype=None):
+    """A model built (random weights) from the ``config.json`` of folder ``path``, with the conversions recorded by
+    :func:`save_conversions` applied: the module layout its saved weights were written from. For loaders that place
+    their quantized layers in a freshly built model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(path)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    recorded = {}
+    recorded_path = os.path.join(path, CONVERSIONS_FILE)
+    if os.path.exists(recorded_path):
+        with open(recorded_path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+    if recorded.get("defused"):
+        defused = defuse_experts(model)
+        if sorted(defused) != sorted(recorded["defused"]["modules"]):
+            raise ValueError(f"{path}: the saved model split the experts of {recorded['defused']['modules'][:3]}, "
+                             f"defuser splits {defused[:3]}")
+    if recorded.get("linearized"):
+        done = linearize(model)
+        missing = sorted(set(recorded["linearized"]) - set(done))
+        if missing:
+            raise ValueError(f"{path}: layers recorded as converted to nn.Linear are not convertible here: {missing[:3]}")
+    return model
+
+
+def checkpoint_shape(path):
+    """The model of a transformers folder on the meta device (its config only, no weights read): what a backend's
+    :meth:`~qadapt.QuantBackend.full_precision` is asked about before a folder is quantized."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _version(distribution: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def unparametrized_copy(module, weights: dict, dtype=None):
+    """A copy of ``module`` (a fused-experts module) whose parameters named in ``weights`` are plain, frozen
+    ``nn.Parameter``s holding those tensors (in ``dtype``, default each tensor's); ``module`` is not changed.
+
+    Not ``copy.deepcopy``: a parametrized module's class is a subclass torch creates for that instance
+    (``torch.nn.utils.parametrize``); a copy would share it, and removing a parametrization from the copy removes the
+    property from the shared class, silently changing the original (measured: a 7.8e-2 logit change). The copy is of
+    the original class, without the parametrizations and without the hooks registered on ``module``."""
+    import collections
+
+    import torch
+    import torch.nn.utils.parametrize as parametrize
+
+    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    copy_ = cls.__new__(cls)
+    copy_.__dict__ = dict(module.__dict__)
+    copy_._parameters = dict(module._parameters)
+    copy_._buffers = dict(module._buffers)
+    copy_._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+    for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                  "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks",
+                  "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_backward_hooks",
+                  "_backward_pre_hooks"):
+        if hasattr(module, hooks):
+            setattr(copy_, hooks, collections.OrderedDict())
+    for key in [k for k in copy_.__dict__ if k.startswith("_qadapt_")]:
+        del copy_.__dict__[key]
+    for name, tensor in weights.items():
+        copy_._parameters[name] = torch.nn.Parameter(tensor.detach().to(dtype or tensor.dtype), requires_grad=False)
+    return copy_

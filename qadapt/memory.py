@@ -3,7 +3,8 @@ tensor subclasses and misses what bitsandbytes hangs on its parameters.
 
 :func:`storage_bytes` walks every tensor reachable from parameters, buffers, tensor subclasses
 (``__tensor_flatten__``: torchao), attributes of parameter objects (bitsandbytes' ``quant_state`` with its nested
-double-quant state, LLM.int8's ``SCB``) and HQQ's ``meta`` dicts; each storage is counted once.
+double-quant state, LLM.int8's ``SCB``), the ``quant_state`` of bitsandbytes' parametrizations (4-bit MoE experts) and
+HQQ's ``meta`` dicts; each storage is counted once. Bits per matmul weight after a load: ``qadapt.load_report(model)``.
 """
 
 from __future__ import annotations
@@ -64,4 +65,9 @@ def storage_bytes(model, include=None) -> int:
         state = getattr(module, "state", None)  # bitsandbytes 8-bit: MatmulLtState (CB/SCB share the weight's)
         if type(state).__name__ == "MatmulLtState":
             add(state)
+        # bitsandbytes' parametrization of fused MoE experts (bitsandbytes.nn.parametrize) keeps the QuantState on
+        # the parametrization module, not on a parameter: without this, 4-bit experts' absmax were not counted
+        quant_state = module.__dict__.get("quant_state")
+        if type(quant_state).__name__ == "QuantState":
+            add(quant_state)
     return total

@@ -17,6 +17,8 @@ class Record:
     adapter_name: str = "default"
     merge: Any = None  # a qadapt.merging.MergeState while merged
     merged_when_saved: Any = None  # for a model loaded from a merged checkpoint: its manifest's "merged" entry
+    allow_unquantized: tuple = ()  # qadapt.load(allow_unquantized=...): in-scope weights kept in full precision
+    load_report: Any = None  # a qadapt.inventory.LoadReport
 
     def describe(self) -> dict:
         return {"backend": self.backend, "options": self.options, "library_version": self.library_version}

@@ -31,18 +31,24 @@ class Unquantized(QuantBackend):
         return ()
 
     def dequantize(self, module):
-        return module.weight.detach().float()
+        """``(out, in)``, also for transformers' Conv1D, which stores its weight ``(in, out)``."""
+        from .hf import is_conv1d
+
+        weight = module.weight.detach().float()
+        return weight.t() if is_conv1d(module) else weight
 
     def training_dequantizer(self, module):
         return (lambda dtype: module.weight.to(dtype)) if getattr(module, "weight", None) is not None else None
 
     def requantize(self, module, weight):
+        """``module`` with ``weight`` (``(out, in)``) in its own layout and dtype."""
         import torch
 
-        from .hf import clone_module
+        from .hf import clone_module, is_conv1d
 
         clone = clone_module(module)
-        clone.weight = torch.nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
+        stored = weight.t().contiguous() if is_conv1d(module) else weight
+        clone.weight = torch.nn.Parameter(stored.to(module.weight.dtype), requires_grad=False)
         return clone
 
     def save(self, model, path, options):

@@ -58,7 +58,11 @@ class DequantizedMatmul(torch.autograd.Function):
     def forward(ctx, input, codes, codebooks, scales, bias):
         weight = _dequantize_weight(unpack_int_data(codes, codebooks.shape[1].bit_length() - 1), codebooks, scales)
         ctx.save_for_backward(codes, codebooks, scales)
-        return F.linear(input, weight.to(input.dtype), bias)
+        out = F.linear(input, weight.to(input.dtype))
+        # the bias out of place: F.linear(x, W, b) on 3-D input returns a view of its addmm result, which autograd
+        # marks "created in no_grad mode" inside a Function's forward, and PEFT's AqlmLoraLinear then fails on its
+        # in-place ``result += ...`` (torch 2.13, peft 0.21.2: every model whose linears have a bias)
+        return out if bias is None else out + bias.to(out.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):

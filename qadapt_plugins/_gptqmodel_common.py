@@ -239,8 +239,12 @@ def load_quantized(path: str, backend_enum_name: str, dtype_name: str = "float32
     gptqmodel = import_gptqmodel()
     from gptqmodel.utils.backend import BACKEND
 
+    from qadapt.hf import restore_defuser_patches
+
     load_dtype = getattr(torch, _load_dtype(path, dtype_name))
-    with source_folder(path) as folder, quiet():
+    # gptqmodel 7.6 calls defuser.replace_fused_blocks on every load, patching transformers' MoE classes for the whole
+    # process: every MoE model built afterwards, by any backend, would come out defused
+    with source_folder(path) as folder, quiet(), restore_defuser_patches():
         wrapper = gptqmodel.GPTQModel.load(folder, device=default_device(), backend=getattr(BACKEND, backend_enum_name),
                                            dtype=load_dtype)
     model = wrapper.model
@@ -509,10 +513,12 @@ class PackedLayersBackend:
         if not calibration:
             raise InvalidOptionError(f"quantize with backend '{self.name}'", f"{self.format_name} needs calibration data",
                                      "Pass calibration=[texts...] with tokenizer=..., or token-id tensors")
+        from qadapt.hf import restore_defuser_patches
+
         gptqmodel = import_gptqmodel()
         half = "float16" if options["dtype"] == "float32" else options["dtype"]
         with source_folder(model) as folder:
-            with quiet():
+            with quiet(), restore_defuser_patches():  # see load_quantized
                 wrapper = gptqmodel.GPTQModel.load(folder, config, device=default_device(), dtype=getattr(torch, half))
                 with logs_elsewhere():
                     wrapper.quantize(calibration_dicts(calibration))

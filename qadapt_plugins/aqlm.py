@@ -105,6 +105,32 @@ class AqlmBackend(QuantBackend):
             save=yes("transformers' AQLM format: safetensors codes/codebooks/scales + quantization_config"),
         )
 
+    # ------------------------------------------------------------------ scope
+    def full_precision(self, model, options):
+        """Head and routers by design, and the ``skip_modules``; it cannot take a layer whose input size is not a
+        multiple of ``in_group_size`` (left in full precision silently before), transformers' ``Conv1D`` or fused MoE
+        experts: their checkpoints are reloaded by transformers' AQLM integration, which builds the model from its
+        config (Conv1D, fused experts) and replaces only ``nn.Linear`` layers (transformers 5.23
+        integrations/aqlm.py), so converting them when quantizing would not survive a reload."""
+        from qadapt.inventory import by_design, cannot, matmul_weights
+
+        kept = super().full_precision(model, options)
+        for weight in matmul_weights(model):
+            if weight.name in kept:
+                continue
+            if _skipped(weight.name, options["skip_modules"]):
+                kept[weight.name] = by_design("listed in skip_modules")
+            elif weight.kind == "conv1d":
+                kept[weight.name] = cannot("transformers' Conv1D: AQLM checkpoints are reloaded by transformers' AQLM "
+                                           "integration, which replaces nn.Linear layers only")
+            elif weight.kind == "experts":
+                kept[weight.name] = cannot("fused MoE expert parameter: AQLM checkpoints are reloaded by transformers' "
+                                           "AQLM integration, which builds fused experts and replaces nn.Linear only")
+            elif weight.kind == "linear" and weight.shape[1] % options["in_group_size"]:
+                kept[weight.name] = cannot(f"in_features {weight.shape[1]} is not a multiple of in_group_size "
+                                           f"{options['in_group_size']}")
+        return kept
+
     # ------------------------------------------------------------------ helpers
     def quantized_layer_types(self):
         import aqlm
@@ -136,11 +162,12 @@ class AqlmBackend(QuantBackend):
             # on CPU, in the dtype its config records (as every backend loads a folder): the codebooks are fitted in
             # float32 whatever it is, and the layers take the model's dtype
             model = load_full_precision(str(model), gpu=False, dtype=model_dtype(str(model)), device_map="cpu")
+        kept = self.full_precision(model, options)
         not_quantized, capped = [], []
         for name, module in list(model.named_modules()):
             if not isinstance(module, torch.nn.Linear):
                 continue
-            if _skipped(name, options["skip_modules"]) or module.in_features % options["in_group_size"]:
+            if name in kept or _skipped(name, options["skip_modules"]):
                 not_quantized.append(f"{name}.weight")
                 continue
             result = quantize_weight(

@@ -32,6 +32,8 @@ from qadapt.backend import Environment, Option, QuantBackend
 from qadapt.capabilities import declare, yes
 from qadapt.hookspecs import hookimpl
 
+#: EETQ's int8 tile: both weight dimensions must be multiples of it (its kernels and its layout)
+TILE = 64
 WEIGHTS_FILE = "model.safetensors"
 THROUGH_PROXY = yes(
     "PEFT has no custom-layer hook for this method and its EETQ support is forward-only: qadapt presents the layer "
@@ -133,20 +135,41 @@ class EETQBackend(QuantBackend):
             save=yes("transformers' EETQ checkpoint layout: int8 weight, float16 weight_scales, safetensors"),
         )
 
+    # ------------------------------------------------------------------ scope
+    def full_precision(self, model, options):
+        """The output head and routers by design; any layer (or expert) with a dimension that is not a multiple of 64
+        cannot be held by EETQ's int8 tile layout. Checked for every layer before any is converted (a bare
+        ValueError used to come from the first bad layer's constructor, after the earlier ones were converted)."""
+        from qadapt.inventory import cannot, matmul_weights
+
+        from qadapt.hf import refuse_fused_experts
+
+        kept = refuse_fused_experts(super().full_precision(model, options), model)
+        for weight in matmul_weights(model):
+            if weight.name in kept or weight.kind not in ("linear", "conv1d", "experts"):
+                continue
+            out_features, in_features = weight.shape[-2:]
+            if out_features % TILE or in_features % TILE:
+                kept[weight.name] = cannot(f"{in_features}->{out_features}: EETQ's int8 layout needs both weight "
+                                           f"dimensions to be multiples of {TILE}")
+        return kept
+
     # ------------------------------------------------------------------ heavy work
     def quantize(self, model, options, calibration=None):
         import torch
 
-        from qadapt.hf import load_full_precision, replace_module, to_default_device
+        from qadapt.hf import load_full_precision, prepare_linear_layers, replace_module, to_default_device
 
         from ._eetq_layers import EetqTorchLinear
 
         if isinstance(model, str):
             model = load_full_precision(model, gpu=False)
+        kept = self.full_precision(model, options)
+        prepare_linear_layers(model)
         kernel = self._kernel(options)
         head = model.get_output_embeddings()
         for name, module in list(model.named_modules()):
-            if isinstance(module, torch.nn.Linear) and module is not head:
+            if isinstance(module, torch.nn.Linear) and module is not head and name not in kept:
                 replace_module(model, name, EetqTorchLinear.from_linear(module, kernel=kernel))
         return to_default_device(model)
 
@@ -162,44 +185,51 @@ class EETQBackend(QuantBackend):
         """Load a transformers EETQ checkpoint (``quant_method: eetq``): every ``nn.Linear`` not in
         ``modules_to_not_convert`` becomes an :class:`EetqTorchLinear` reading ``weight``/``weight_scales``."""
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
 
-        from qadapt.hf import read_safetensors_folder, replace_module, to_default_device
+        from qadapt.errors import CheckpointError
+        from qadapt.hf import model_from_config, read_safetensors_folder, replace_module, to_default_device
 
         from ._eetq_layers import EetqTorchLinear
 
-        config = AutoConfig.from_pretrained(path)
-        quant = config.quantization_config
-        quant = quant if isinstance(quant, dict) else quant.to_dict()
+        with open(os.path.join(path, "config.json")) as handle:
+            quant = json.load(handle).get("quantization_config") or {}
         skip = quant.get("modules_to_not_convert") or ["lm_head"]
-        del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        model = model_from_config(path)  # the layout it was saved from (split experts, Conv1D made nn.Linear)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
         kernel = self._kernel(options)
         for name, module in list(model.named_modules()):
-            if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip):
+            # full names (qadapt's checkpoints); "lm_head"-style suffixes (transformers' own EETQ checkpoints)
+            if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
                 replace_module(model, name, EetqTorchLinear(module.in_features, module.out_features,
                                                             bias=module.bias is not None, kernel=kernel))
         state = read_safetensors_folder(path, WEIGHTS_FILE)
-        model.load_state_dict(state, strict=False)
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
         missing = [k for k in model.state_dict() if k not in state and not k.endswith("inv_freq")]
-        if missing and not (getattr(config, "tie_word_embeddings", False) and missing == ["lm_head.weight"]):
-            from qadapt.errors import CheckpointError
-
-            raise CheckpointError(f"load {path!r} with backend 'eetq'", f"tensors missing: {missing[:3]}",
+        if unexpected or (missing and not (getattr(config, "tie_word_embeddings", False)
+                                           and missing == ["lm_head.weight"])):
+            raise CheckpointError(f"load {path!r} with backend 'eetq'",
+                                  f"tensors missing: {missing[:3]}, unexpected: {unexpected[:3]}",
                                   "Is this an EETQ checkpoint of this architecture?")
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
         return to_default_device(model.eval())
 
     def save(self, model, path, options):
+        import torch
         from safetensors.torch import save_file
 
-        from qadapt.hf import unshared_state_dict
+        from qadapt.hf import save_conversions, unshared_state_dict
+
+        from ._eetq_layers import EetqTorchLinear
 
         state = unshared_state_dict(model)
         config = model.config.to_dict()
-        head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
-        config["quantization_config"] = {"quant_method": "eetq", "weights": "int8", "modules_to_not_convert": head}
+        # every linear layer left in full precision (head, routers, layers allowed by the user), by full name
+        kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, EetqTorchLinear)]
+        config["quantization_config"] = {"quant_method": "eetq", "weights": "int8", "modules_to_not_convert": kept}
+        save_conversions(model, path)
         with open(os.path.join(path, "config.json"), "w") as handle:
             json.dump(config, handle, indent=2, default=str)
         save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", "qadapt_backend": "eetq"})

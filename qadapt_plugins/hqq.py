@@ -1,8 +1,11 @@
 """HQQ: half-quadratic quantization, calibration-free, 1-8 bits with grouped scales and zeros.
 
 Drives hqq's own API: transformers' ``HqqConfig`` path raises "not available yet" in transformers 5.x. Each
-``nn.Linear`` (``lm_head`` excepted) becomes ``hqq.core.quantize.HQQLinear``. HQQ's state dict is all tensors, so the
-quantized base saves as one safetensors file beside the model's ``config.json``.
+``nn.Linear`` (``lm_head`` and MoE routers excepted) becomes ``hqq.core.quantize.HQQLinear``; transformers' ``Conv1D``
+(GPT-2) and Falcon's ``FalconLinear`` are made ``nn.Linear`` first, and fused MoE experts are split into per-expert
+``nn.Linear`` layers with defuser (``qadapt.hf.linearize`` / ``defuse_experts``, recorded with the checkpoint and
+replayed on load). HQQ's state dict is all tensors, so the quantized base saves as one safetensors file beside the
+model's ``config.json``.
 """
 
 from __future__ import annotations
@@ -66,15 +69,23 @@ class HQQBackend(QuantBackend):
 
         return BaseQuantizeConfig(nbits=options["bits"], group_size=options["group_size"])
 
+    def full_precision(self, model, options):
+        from qadapt.hf import refuse_fused_experts
+
+        return refuse_fused_experts(super().full_precision(model, options), model)
+
     def quantize(self, model, options, calibration=None):
-        from qadapt.hf import default_device, load_full_precision, replace_module, to_default_device
+        from qadapt.hf import (default_device, load_full_precision, prepare_linear_layers, replace_module,
+                               to_default_device)
 
         if isinstance(model, str):
             model = load_full_precision(model, gpu=False)
+        kept = self.full_precision(model, options)
+        prepare_linear_layers(model)
         quant_config = self._quant_config(options)
         compute_dtype = _compute_dtype(options, model.dtype)
         device = default_device()
-        for name, module in _linear_layers(model):
+        for name, module in _linear_layers(model, kept):
             replace_module(model, name, self._make(module, quant_config, compute_dtype, device))
         return to_default_device(model)
 
@@ -89,27 +100,27 @@ class HQQBackend(QuantBackend):
 
         from hqq.core.quantize import HQQLinear
 
+        from qadapt.hf import save_conversions, unshared_state_dict
+
         layers = [name for name, module in model.named_modules() if isinstance(module, HQQLinear)]
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = unshared_state_dict(model)  # tied embeddings: safetensors refuses tensors that share memory
         model.config.save_pretrained(path)
+        save_conversions(model, path)
         save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", "qadapt_backend": "hqq"})
         with open(os.path.join(path, LAYOUT_FILE), "w") as handle:
             json.dump({"layers": layers, "options": options}, handle, indent=2)
 
     def load(self, path, options):
-        import torch
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
 
         from hqq.core.quantize import HQQLinear
 
-        from qadapt.hf import default_device, replace_module, to_default_device
+        from qadapt.hf import default_device, model_from_config, replace_module, to_default_device
 
         with open(os.path.join(path, LAYOUT_FILE)) as handle:
             layout = json.load(handle)
         options = {**options, **layout.get("options", {})}
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        model = model_from_config(path)
         state = load_file(os.path.join(path, WEIGHTS_FILE))
         compute_dtype = _compute_dtype(options, model.dtype)
         device = default_device()
@@ -123,6 +134,8 @@ class HQQBackend(QuantBackend):
         missing = [k for k in missing if not any(k.startswith(n + ".") for n in layout["layers"])]
         if missing or unexpected:
             raise ValueError(f"HQQ checkpoint does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
         # the HQQ layers are on the device already; embeddings, norms and head join them
         return to_default_device(model).eval()
 
@@ -237,14 +250,14 @@ def _compute_dtype(options, model_dtype):
     return model_dtype if options["compute_dtype"] == "auto" else getattr(torch, options["compute_dtype"])
 
 
-def _linear_layers(model):
+def _linear_layers(model, kept):
     import torch
 
     output = model.get_output_embeddings()
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output
+        if isinstance(module, torch.nn.Linear) and module is not output and name not in kept
     ]
 
 

@@ -161,26 +161,41 @@ class INCBackend(QuantBackend):
         )
 
     # ------------------------------------------------------------------ heavy work
-    def _config(self, options, model_path=None):
+    def full_precision(self, model, options):
+        from qadapt.hf import refuse_fused_experts
+
+        return refuse_fused_experts(super().full_precision(model, options), model)
+
+    def _config(self, options, model_path=None, kept=()):
+        import re
+
         from neural_compressor.torch.quantization import GPTQConfig, RTNConfig
 
         common = dict(dtype=options["dtype"], bits=options["bits"], use_sym=options["sym"],
                       group_size=options["group_size"])
         if options["algorithm"] == "gptq":
-            return GPTQConfig(**common, act_order=options["act_order"], model_path=model_path)
-        return RTNConfig(**common, use_layer_wise=False)
+            config = GPTQConfig(**common, act_order=options["act_order"], model_path=model_path)
+        else:
+            config = RTNConfig(**common, use_layer_wise=False)
+        if kept:  # routers and layers allowed to stay in full precision (INC matches names as regular expressions)
+            config.set_local([re.escape(name) for name in kept], type(config)(dtype="fp32"))
+        return config
 
     def quantize(self, model, options, calibration=None):
         import tempfile
 
         from neural_compressor.torch.quantization import convert, prepare
 
-        from qadapt.hf import load_full_precision
+        from qadapt.hf import load_full_precision, prepare_linear_layers
 
         _quiet_inc()
         if isinstance(model, str):
             model = load_full_precision(model, gpu=False)
         model.eval()
+        kept = sorted(self.full_precision(model, options))
+        # INC quantizes nn.Linear, not fused 3-D experts; and transformers' Conv1D only if transformers was imported
+        # before INC (neural_compressor/torch/quantization/config.py builds WOQ_WHITE_LIST at import, INC 3.10)
+        prepare_linear_layers(model)
         if options["algorithm"] == "gptq":
             if not calibration:
                 from qadapt.errors import InvalidOptionError
@@ -192,13 +207,13 @@ class INCBackend(QuantBackend):
             # INC's GPTQ resolves model_path even when not layer-wise and downloads from the hub when it is not a
             # folder; an empty local folder keeps it offline (it reads nothing from it when not layer-wise).
             with tempfile.TemporaryDirectory(prefix="qadapt-inc-") as folder:
-                prepared = prepare(model, self._config(options, model_path=folder))
+                prepared = prepare(model, self._config(options, model_path=folder, kept=kept))
                 with torch.no_grad():
                     for batch in calibration:
                         prepared(batch.to(_model_device(prepared)))
                 quantized = convert(prepared)
         else:
-            quantized = convert(prepare(model, self._config(options)))
+            quantized = convert(prepare(model, self._config(options, kept=kept)))
         for _, layer in _inc_layers(quantized):
             layer._qadapt_scheme = "sym" if options["sym"] else "asym"
         return quantized
@@ -206,23 +221,22 @@ class INCBackend(QuantBackend):
     def save(self, model, path, options):
         from safetensors.torch import save_file
 
-        from qadapt.hf import unshared_state_dict
+        from qadapt.hf import save_conversions, unshared_state_dict
 
         layers = {name: _layer_spec(layer) for name, layer in _inc_layers(model)}
         state = unshared_state_dict(model)  # tied weights: safetensors refuses shared storage
         model.config.save_pretrained(path)
+        save_conversions(model, path)
         save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", "qadapt_backend": "inc"})
         with open(os.path.join(path, LAYOUT_FILE), "w") as handle:
             json.dump({"format_version": FORMAT_VERSION, "library_version": self.library_version(),
                        "options": options, "layers": layers}, handle, indent=2)
 
     def load(self, path, options):
-        import torch
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
 
         from qadapt.errors import CheckpointError
-        from qadapt.hf import replace_module
+        from qadapt.hf import model_from_config, replace_module
 
         layout_path = os.path.join(path, LAYOUT_FILE)
         if not os.path.exists(layout_path):
@@ -230,8 +244,8 @@ class INCBackend(QuantBackend):
                                   "Save the model with qadapt (backend 'inc') first")
         with open(layout_path) as handle:
             layout = json.load(handle)
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        model = model_from_config(path)  # the layout it was saved from (split experts)
+        config = model.config
         for name, spec in layout["layers"].items():
             replace_module(model, name, _build_layer(spec))
         state = load_file(os.path.join(path, WEIGHTS_FILE))

@@ -66,6 +66,24 @@ class TorchAOBackend(QuantBackend):
             save=yes("transformers serializes torchao int8 weights with safetensors"),
         )
 
+    def full_precision(self, model, options):
+        """Head and routers by design; transformers' ``TorchAoHfQuantizer`` quantizes ``nn.Linear`` layers only
+        (transformers 5.23 quantizer_torchao.py), and checkpoints are reloaded through it, so transformers' ``Conv1D``
+        and fused MoE experts cannot be quantized (converting them in memory first would not survive a reload:
+        transformers rebuilds Conv1D from the config and re-fuses split experts when it loads the folder)."""
+        from qadapt.inventory import cannot, matmul_weights
+
+        kept = super().full_precision(model, options)
+        for weight in matmul_weights(model):
+            if weight.name in kept:
+                continue
+            if weight.kind == "conv1d":
+                kept[weight.name] = cannot("transformers' Conv1D: transformers' torchao quantizer takes nn.Linear only")
+            elif weight.kind == "experts":
+                kept[weight.name] = cannot("fused MoE expert parameter: transformers' torchao quantizer takes nn.Linear "
+                                           "only, and re-fuses split experts when a saved folder is reloaded")
+        return kept
+
     def _config(self, options):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
@@ -82,7 +100,7 @@ class TorchAOBackend(QuantBackend):
         import torch
         from transformers import AutoModelForCausalLM, TorchAoConfig
 
-        from qadapt.hf import as_pretrained_dir, default_device, model_dtype, quiet_transformers
+        from qadapt.hf import as_pretrained_dir, default_device, model_dtype, plain_linear_classes, quiet_transformers
 
         if options["scheme"] == "int4_weight_only" and not torch.cuda.is_available():
             raise BackendUnavailableError(
@@ -93,7 +111,9 @@ class TorchAOBackend(QuantBackend):
         quiet_transformers()
         # tinygemm's int4 kernel takes bfloat16 only: an int4 model computes in bfloat16 whatever it was given in
         dtype = torch.bfloat16 if options["scheme"] == "int4_weight_only" else model_dtype(model)
-        with as_pretrained_dir(model) as path:
+        # Falcon's FalconLinear computes ``input @ self.weight.T``, which torchao's Int8Tensor cannot run (no
+        # aten.permute, torchao 0.18): built as nn.Linear (same weights, F.linear) it runs
+        with as_pretrained_dir(model) as path, plain_linear_classes():
             return AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, device_map=default_device(), quantization_config=TorchAoConfig(self._config(options)),
                 use_safetensors=True,
@@ -102,10 +122,11 @@ class TorchAOBackend(QuantBackend):
     def load(self, path, options):
         from transformers import AutoModelForCausalLM
 
-        from qadapt.hf import default_device, quiet_transformers
+        from qadapt.hf import default_device, plain_linear_classes, quiet_transformers
 
         quiet_transformers()
-        return AutoModelForCausalLM.from_pretrained(path, device_map=default_device(), use_safetensors=True)
+        with plain_linear_classes():
+            return AutoModelForCausalLM.from_pretrained(path, device_map=default_device(), use_safetensors=True)
 
     def save(self, model, path, options):
         model.save_pretrained(path, safe_serialization=True)

@@ -357,3 +357,22 @@ def test_gpu_forward_and_lora_backward(backend, dtype):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_lora_trains_on_linears_with_a_bias():
+    """qadapt's de-quantizing Function returned ``F.linear(x, W, b)``, a view for 3-D input with a bias; PEFT's
+    AqlmLoraLinear's ``result += ...`` then raised "a view was created in no_grad mode" (Qwen2, Bloom, OPT...)."""
+    from qadapt.testing import check_backend
+
+    options = {"num_codebooks": 1, "nbits_per_codebook": 8, **FAST}
+    results = check_backend("aqlm", options, methods=["lora"], architecture="qwen2")
+    assert all(r.ok for r in results) and results[0].outcome == "passed", [str(r) for r in results]
+
+
+def test_conv1d_and_fused_experts_are_refused_before_any_work():
+    import qadapt
+    from qadapt.testing import panel
+
+    for arch, words in (("gpt2", "Conv1D"), ("mixtral", "fused MoE expert")):
+        with pytest.raises(qadapt.ArchitectureError, match=words):
+            qadapt.load(panel.build(arch), backend="aqlm", **FAST)

@@ -20,11 +20,11 @@ TIERS = [
     ("conformance kit", ["qadapt.testing"]),
     ("user API", ["qadapt", "qadapt.api"]),
     ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.merging", "qadapt.proxy", "qadapt.memory",
-                       "qadapt.training", "qadapt.inputs", "qadapt.rollback"]),
+                       "qadapt.training", "qadapt.inputs", "qadapt.rollback", "qadapt.scope"]),
     ("plugin system", ["qadapt.plugins", "qadapt.plugin_guard", "qadapt.hookspecs", "qadapt.backend",
                        "qadapt.unquantized", "qadapt.capabilities", "qadapt.record"]),
-    ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.peft_layers", "qadapt.merging.requant", "qadapt._version",
-                 "qadapt.quiet", "qadapt.progress"]),
+    ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.inventory", "qadapt.peft_layers", "qadapt.merging.requant",
+                 "qadapt._version", "qadapt.quiet", "qadapt.progress"]),
 ]
 
 

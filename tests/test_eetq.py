@@ -214,3 +214,48 @@ def test_layout_matches_eetq_library():
     x = torch.randn(4, 128, dtype=torch.float16, device="cuda")
     expected = x.float() @ layer.dequantize().float().t()
     assert torch.allclose(layer(x).float(), expected, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------ architectures
+def test_every_layer_is_checked_before_any_is_converted():
+    """EETQ's layout needs multiples of 64: the first bad layer's constructor raised a bare ValueError after the
+    earlier layers of the caller's model were converted in place. Now the load is refused first, naming them all."""
+    import qadapt
+
+    model = toy.build_model(intermediate_size=96)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(qadapt.ArchitectureError, match="gate_proj") as refused:
+        qadapt.load(model, backend="eetq")
+    assert "6 of 15 matmul weights" in str(refused.value) and "multiples of 64" in str(refused.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model = qadapt.load(model, backend="eetq", allow_unquantized=["*.mlp.*"])
+    report = qadapt.load_report(model)
+    assert len(report.quantized) == 8 and sum(w.status.startswith("kept, allowed") for w in report.weights) == 6
+
+
+def test_layers_allowed_in_full_precision_merge_and_reload(tmp_path):
+    import qadapt
+
+    model = qadapt.load(toy.build_model(intermediate_size=96), backend="eetq", allow_unquantized=["*.mlp.*"])
+    model = qadapt.attach(model, "lora", init_lora_weights=False)
+    model.eval()
+    batch = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=batch).logits
+    report = qadapt.merge(model)
+    assert all(layer.kept_error < 1e-6 for layer in report.layers if ".mlp." in layer.name)  # exact where unquantized
+    qadapt.unmerge(model)
+    qadapt.save(model, tmp_path / "kept")
+    restored = qadapt.load(tmp_path / "kept")
+    assert len(qadapt.load_report(restored).quantized) == 8
+    with torch.no_grad():
+        assert torch.allclose(restored(input_ids=batch).logits, before, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mixtral"])
+def test_conv1d_and_moe_experts(arch):
+    """GPT-2's Conv1D (0 of 8 layers quantized before) and Mixtral's fused experts, split with defuser."""
+    from qadapt.testing import check_backend
+
+    results = check_backend("eetq", {}, methods=["lora"], architecture=arch)
+    assert [r.outcome for r in results] == ["passed"] * 5, [str(r) for r in results]

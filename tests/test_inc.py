@@ -213,3 +213,13 @@ def test_peft_alone_cannot_wrap_inc_layers_for_these_methods(method):
     }[method]()
     with pytest.raises((ValueError, TypeError, NotImplementedError)):
         peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2-moe"])
+def test_conv1d_and_moe_experts(arch):
+    """INC quantizes Conv1D itself; fused experts are split with defuser first, Qwen2-MoE's shared_expert_gate (a
+    router, 128 -> 1) stays in full precision."""
+    from qadapt.testing import check_backend
+
+    results = check_backend("inc", {}, methods=["lora"], architecture=arch)
+    assert [r.outcome for r in results] == ["passed"] * 5, [str(r) for r in results]

@@ -245,6 +245,10 @@ def _head(records: dict, findings: _Findings) -> list[str]:
         "option set cannot run on that machine, with the reason) or **CONTRADICTED** (reality disagrees with the "
         "declaration: a declared yes failed, or a declared no worked or broke with the wrong error).",
         "",
+        "These runs use the toy Llama. The architecture dimension (every backend on Qwen2, Gemma, GPT-2, Phi-3, "
+        "Falcon, Bloom, OPT, Mixtral, Qwen3-MoE and Qwen2-MoE, with what each one refuses there and why) is "
+        "[architectures.md](architectures.md).",
+        "",
         "## Summary",
         "",
         "| backend | CPU run | GPU run |",

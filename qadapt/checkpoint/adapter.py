@@ -46,13 +46,14 @@ def load_adapter(model, adapter_dir: str, *, strict: bool = True, is_trainable: 
                 from ..proxy import wrap
 
                 wrap(model, adapters.proxy_targets(model, config.target_modules), backend)
-            with adapters.fast_dispatch(backend), known_warnings():
+            with adapters.fast_dispatch(backend), adapters.explicit_targets(), known_warnings():
                 peft_model = peft.PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
     except QadaptError:
         raise
     except Exception as exc:
         raise CheckpointError(f"load adapter {adapter_dir!r}", f"PEFT could not load it ({type(exc).__name__}: {exc})",
                               "Save the adapter again") from exc
+    adapters.repair_parameter_wrappers(peft_model)
     adapters.freeze_constants(peft_model)
     record.method = provenance["method"]
     return peft_model

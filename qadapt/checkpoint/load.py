@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from .. import scope
 from ..errors import CheckpointError, QadaptError
 from ..plugins import ready_backend
 from ..record import Record, set_record
@@ -35,9 +36,12 @@ def load(path: str):
         raise CheckpointError(f"load {path!r}", f"backend '{backend.name}' could not read base/ ({type(exc).__name__}: {exc})",
                               "Check that the backend's library version matches the one in qadapt.json") from exc
     check_loaded_layers(manifest, model, backend, path)
+    allow = tuple(backend_info.get("allow_unquantized") or ())
     record = Record(backend=name, options=options, library_version=backend_info.get("library_version"),
-                    merged_when_saved=manifest.get("merged"))
+                    merged_when_saved=manifest.get("merged"), allow_unquantized=allow)
     set_record(model, record)
+    scope.record_report(model, scope.report(model, backend, options, allow=allow, from_checkpoint=True,
+                                            asked=f"load {path!r}"))
     if manifest.get("adapter"):
         return load_adapter(model, os.path.join(path, "adapter"), strict=True)
     return model

@@ -243,6 +243,9 @@ def schema_problems(manifest) -> list[str]:
         layers = backend.get("quantized_layers")
         if layers is not None and not (isinstance(layers, list) and all(_is_str(layer) for layer in layers)):
             problems.append("'backend.quantized_layers' is not a list of names")
+        allow = backend.get("allow_unquantized", [])
+        if not (isinstance(allow, list) and all(_is_str(item) for item in allow)):
+            problems.append("'backend.allow_unquantized' is not a list of names or patterns")
     adapter = manifest.get("adapter", "missing")
     if adapter == "missing":
         problems.append("'adapter' is missing (null where there is none)")

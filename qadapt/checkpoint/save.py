@@ -6,6 +6,7 @@ import os
 from contextlib import contextmanager
 
 from ..errors import CheckpointError, IncompatibleError
+from ..hf import conversions
 from ..plugins import backend_of
 from ..record import base_model, get_record
 from .files import SaveTarget, checksums, is_free, sizes, write_json
@@ -54,7 +55,11 @@ def save(model, path: str, *, overwrite: bool = False) -> str:
             "format": FORMAT,
             "qadapt_version": __version__,
             "backend": {"name": backend_name, "library_version": record.library_version if backend_name else None,
-                        "options": options, "quantized_layers": layers},
+                        "options": options, "quantized_layers": layers,
+                        "allow_unquantized": list(record.allow_unquantized) if backend_name else []},
+            # conversions made before quantizing (split MoE experts, Conv1D made nn.Linear), replayed by the loader
+            # from base/qadapt_conversions.json; recorded here too for provenance
+            "conversions": conversions(base_model(model)),
             "adapter": adapter,
             "merged": None
             if merged is None
@@ -85,8 +90,12 @@ def _without_tuner_layers(inner):
     from ..proxy import unwrap
 
     swapped = []
+    outer = None  # a tuner layer can wrap another (PEFT nests its ParamWrapper layers on MoE experts): the outer goes
     for name, module in list(inner.named_modules()):
+        if outer is not None and name.startswith(outer):
+            continue
         if isinstance(module, BaseTunerLayer):
+            outer = name + "."
             parent, _, child = name.rpartition(".")
             holder = inner.get_submodule(parent) if parent else inner
             setattr(holder, child, unwrap(module.get_base_layer()))

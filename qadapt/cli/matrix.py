@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..capabilities import OPERATIONS
-from ..testing.matrix import declared_rows, verify
+from ..testing.matrix import declared_architecture_rows, declared_rows, verify
 from . import check_backend_names
 
 
@@ -16,13 +16,18 @@ def add_parser(commands) -> None:
     matrix.add_argument("--json", action="store_true")
     matrix.add_argument("--verify", action="store_true", help="run every combination available here and compare")
     matrix.add_argument("--output", help="with --verify: write the results as JSON to this file")
+    matrix.add_argument("--architecture", action="append",
+                        help="run on this architecture of the panel (repeatable; 'all': the whole panel) instead of the "
+                             "toy Llama; without --verify: what each backend declares it cannot quantize there")
 
 
 def run(args) -> int:
     check_backend_names(args.backend)
+    architectures = _architectures(args.architecture)
     if args.verify:
-        outcome = verify(args.backend)
-        outcome["command"] = " ".join(["qadapt", "matrix", "--verify"] + [f"--backend {b}" for b in args.backend or ()])
+        outcome = verify(args.backend, architectures)
+        outcome["command"] = " ".join(["qadapt", "matrix", "--verify"] + [f"--backend {b}" for b in args.backend or ()]
+                                      + [f"--architecture {a}" for a in args.architecture or ()])
         failed = [r for r in outcome["results"] if r["outcome"].startswith("failed")]
         if args.output:
             with open(args.output, "w") as handle:
@@ -33,13 +38,25 @@ def run(args) -> int:
         else:
             for row in outcome["results"]:
                 opts = ",".join(f"{k}={v}" for k, v in row["options"].items())
-                print(f"{row['backend']:<8} {opts:<26} {row.get('method', '-'):<8} {row.get('operation', '-'):<18} "
+                arch = f"{row['architecture']:<10} " if architectures else ""
+                print(f"{row['backend']:<8} {opts:<26} {arch}{row.get('method', '-'):<8} {row.get('operation', '-'):<18} "
                       f"{row['outcome']:<20} {row.get('detail', '')}")
             print(f"\n{len(outcome['results'])} checks, {len(failed)} failed")
         if not outcome["results"]:
             print("qadapt matrix: nothing was checked (no backend is registered here)", file=sys.stderr)
             return 1
         return 1 if failed else 0
+    if architectures:
+        rows = declared_architecture_rows(args.backend, architectures)
+        if args.json:
+            json.dump(rows, sys.stdout, indent=2)
+            print()
+            return 0
+        for row in rows:
+            opts = ",".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
+            print(f"{row['backend']:<8} {opts:<26} {row['architecture']:<10} {'yes' if row['supported'] else 'no':<4} "
+                  f"{row['reason']}")
+        return 0
     rows = declared_rows(args.backend)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
@@ -47,6 +64,17 @@ def run(args) -> int:
         return 0
     print(render_table(rows))
     return 0
+
+
+def _architectures(given):
+    if not given:
+        return None
+    from ..testing import panel
+
+    names = list(panel.NAMES) if "all" in given else list(given)
+    for name in names:
+        panel.config(name)  # an unknown name is refused before any work
+    return names
 
 
 def _compact_json(record: dict) -> str:

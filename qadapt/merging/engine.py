@@ -13,13 +13,23 @@ from .report import LayerMerge, MergeState, relative_error
 
 @dataclass
 class Target:
-    """One adapted layer: its name, its quantized base, the base weight ``W`` and the merged weight ``W'``."""
+    """One adapted layer: its name, its quantized base, the base weight ``W`` and the merged weight ``W'``.
+
+    ``owner`` is the backend that stores ``base``: the model's backend for its quantized layers, the full-precision
+    one for layers it left in full precision (by design, or allowed by the user). For fused MoE experts adapted
+    through PEFT's ``target_parameters``, ``weight`` and ``merged`` are ``{parameter name: tensor}``."""
 
     name: str
     base: object
     weight: object
     merged: object
     bias_scale: object  # IA3 on outputs scales the bias too; None otherwise
+    owner: object = None
+    quantized: bool = True
+
+    @property
+    def experts(self) -> bool:
+        return isinstance(self.weight, dict)
 
 
 @dataclass
@@ -78,14 +88,54 @@ def reference_outputs(model, layers, batch, collect_inputs: bool):
 
 def targets(layers, backend, method, adapter_name) -> list[Target]:
     from ..proxy import unwrap
+    from ..unquantized import UNQUANTIZED
 
     found = []
+    wrappers = dict(layers)
     for name, layer in layers:
+        if _is_parameter_wrapper(layer):
+            if name.endswith(".base_layer") and _is_parameter_wrapper(wrappers.get(name[: -len(".base_layer")])):
+                continue  # an inner wrapper of a chain: merged with its outermost one
+            found.append(_experts_target(name, layer, adapter_name))
+            continue
         base = unwrap(layer.get_base_layer())
-        weight = backend.dequantize(base)
+        quantized = backend.is_quantized_layer(base)
+        owner = backend if quantized else UNQUANTIZED
+        weight = owner.dequantize(base)
         merged, bias_scale = merged_weight(layer, method, adapter_name, weight)
-        found.append(Target(name, base, weight, merged, bias_scale))
+        found.append(Target(name, base, weight, merged, bias_scale, owner, quantized))
     return found
+
+
+def _finite(merged) -> bool:
+    import torch
+
+    tensors = merged.values() if isinstance(merged, dict) else (merged,)  # fused experts: {parameter: tensor}
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def _is_parameter_wrapper(layer) -> bool:
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return isinstance(layer, ParamWrapper)
+
+
+def _experts_target(name, wrapper, adapter_name) -> Target:
+    """The merge target of a chain of PEFT ``ParamWrapper`` layers over one fused-experts module: every parameter of
+    the module read de-quantized (a parametrized attribute de-quantizes on access), the adapted ones merged."""
+    import torch.nn.utils.parametrize as parametrize
+
+    from ..inventory import expert_parameters
+    from .arithmetic import expert_deltas
+
+    chain, layer = [], wrapper
+    while _is_parameter_wrapper(layer):
+        chain.append(layer)
+        layer = layer.base_layer
+    deltas = expert_deltas(chain, adapter_name)
+    weight = {p: getattr(layer, p).detach().float() for p in expert_parameters(layer)}
+    merged = {p: w + deltas[p].to(w.device) if p in deltas else w for p, w in weight.items()}
+    return Target(name, layer, weight, merged, None, None, parametrize.is_parametrized(layer))
 
 
 def build(model, inner, backend, strategy, candidate: Candidate, found: list[Target], hessians, batch, reference,
@@ -96,24 +146,48 @@ def build(model, inner, backend, strategy, candidate: Candidate, found: list[Tar
     swaps, layers = {}, []
     for target in found:
         report.advance(f"{candidate.label or strategy} {target.name}")
+        if target.experts:
+            new_base = _merged_experts(target, backend, strategy, inner)
+            for parameter, merged in target.merged.items():
+                delta = merged - target.weight[parameter]
+                if delta.norm() > 0:
+                    kept, _ = relative_error(getattr(new_base, parameter).float() - target.weight[parameter], delta)
+                    layers.append(LayerMerge(f"{target.name}.{parameter}", delta.norm().item(), kept))
+            swaps[target.name] = new_base
+            continue
         if strategy == "dequantize":
             new_base = full_precision_linear(target.base, target.merged, inner)
-        else:
+        elif target.quantized:
             new_base = backend.requantize(target.base, target.merged, **candidate.requantize_keywords(hessians.get(target.name)))
+        else:  # a layer the backend left in full precision: merged exactly
+            new_base = target.owner.requantize(target.base, target.merged)
         if target.bias_scale is not None and getattr(target.base, "bias", None) is not None:
-            new_base.bias = torch.nn.Parameter(target.base.bias.detach() * target.bias_scale.to(target.base.bias.dtype),
+            # a de-quantized merge's nn.Linear is in the model's dtype where EETQ's bias is float16; a re-quantized layer
+            # keeps the base's bias dtype (INC's forward turns its bias to float32 in place, and refuses a new one)
+            dtype = new_base.bias.dtype if strategy == "dequantize" else target.base.bias.dtype
+            new_base.bias = torch.nn.Parameter((target.base.bias.detach() * target.bias_scale).to(dtype),
                                                requires_grad=False)
         delta = target.merged - target.weight
-        stored = backend.dequantize(new_base) if strategy == "requantize" else target.merged
+        stored = target.owner.dequantize(new_base) if strategy == "requantize" else target.merged
         kept_error, _ = relative_error(stored - target.weight, delta) if delta.norm() > 0 else (0.0, 0.0)
         layers.append(LayerMerge(target.name, delta.norm().item(), kept_error))
         # The whole tuner layer steps aside (kept, untouched, for unmerge): not every PEFT layer honours its own
         # "merged" flag (AdaLoRA's bitsandbytes layers add the adapter again).
         swaps[target.name] = new_base
     if strategy == "dequantize":
+        import torch.nn.utils.parametrize as parametrize
+
+        from ..hf import unparametrized_copy
+        from ..inventory import expert_parameters
+
         for name, module in list(inner.named_modules()):
-            if backend.is_quantized_layer(module) and not any(name == n or name.startswith(n + ".") for n in swaps):
+            if any(name == n or name.startswith(n + ".") for n in swaps):
+                continue
+            if backend.is_quantized_layer(module):
                 swaps[name] = full_precision_linear(module, backend.dequantize(module), inner)
+            elif parametrize.is_parametrized(module) and expert_parameters(module):
+                swaps[name] = unparametrized_copy(module, {p: getattr(module, p) for p in expert_parameters(module)},
+                                                  _float_dtype(inner))
     trial = MergeState(strategy=strategy, adapter_name="")
     try:
         apply(inner, trial, swaps)
@@ -138,12 +212,45 @@ def restore(inner, state: MergeState) -> None:
     state.originals = {}
 
 
-def full_precision_linear(base, weight, inner):
-    """An ``nn.Linear`` in the model's float dtype holding ``weight`` and ``base``'s bias, frozen."""
+def _merged_experts(target, backend, strategy, inner):
+    """The fused-experts module holding ``target.merged``: re-quantized the backend's way where its parameters are
+    quantized and the strategy keeps them so, else plain full-precision parameters."""
+    from ..hf import unparametrized_copy
+
+    if strategy == "requantize" and target.quantized:
+        return backend.requantize_parameters(target.base, target.merged)
+    dtype = _float_dtype(inner) if strategy == "dequantize" else None
+    if not target.quantized:
+        dtype = next(iter(target.base.parameters())).dtype
+    return unparametrized_copy(target.base, target.merged, dtype)
+
+
+def _float_dtype(inner):
     import torch
 
     dtype = getattr(inner, "dtype", torch.float32)
-    dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def full_precision_linear(base, weight, inner):
+    """An ``nn.Linear`` in the model's float dtype holding ``weight`` and ``base``'s bias, frozen; a transformers
+    ``Conv1D`` (weight stored transposed) where ``base`` is one, so that the merged model saves in its own layout."""
+    import torch
+
+    from ..hf import is_conv1d
+
+    dtype = _float_dtype(inner)
+    if is_conv1d(base):
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight.t())
+            if base.bias is not None:
+                layer.bias.copy_(base.bias.detach())
+        if base.bias is None:
+            layer.bias = None
+        return layer.requires_grad_(False)
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=getattr(base, "bias", None) is not None,
                              device=weight.device, dtype=dtype)
     with torch.no_grad():
@@ -175,7 +282,7 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
     with torch.no_grad(), progress.step(f"merge {record.method!r} ({strategy})", total=len(plan) * len(layers)) as steps:
         reference, hessians = reference_outputs(model, layers, batch, any(c.with_inputs for c in plan))
         found = targets(layers, backend, record.method, record.adapter_name)
-        not_finite = [target.name for target in found if not torch.isfinite(target.merged).all()]
+        not_finite = [target.name for target in found if not _finite(target.merged)]
         if not_finite:
             raise MergeRefusedError(f"merge {record.method!r} with strategy={strategy!r}",
                                     f"the merged weight of {not_finite[0]} holds NaN or infinite values (the adapter "

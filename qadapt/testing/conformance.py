@@ -9,7 +9,13 @@ For plugin authors and maintainers::
 or ``qadapt matrix --verify --backend mybackend``. Each declared ``yes`` is performed and measured; each ``no`` must
 raise qadapt's error before any weight changes. Checks, per method:
 
-* ``train``: attach, two optimizer steps; the loss is finite, adapter weights change, no base weight changes.
+* ``load``: every matmul weight is quantized or accounted for (``qadapt.load`` checks it: the load report); a model
+  part the backend declares it cannot quantize refuses the load before any work (``ArchitectureError``): every cell of
+  the method is then "refused for this architecture".
+* ``train``: attach, two optimizer steps; the loss is finite, adapter weights change, no base weight changes, and
+  every quantized matmul weight got an adapter (``target_modules="all-linear"``: nothing is silently left out). An
+  ``ArchitectureError`` from attach (an adapter method PEFT cannot put on this architecture's layers) refuses the
+  method's cells the same way.
 * ``merge`` (requantize): the merged model's output error against the unquantized merge (the unmerged adapter model)
   is below 0.8 x that of the base model without the adapter: the merge keeps a real part of what the adapter does
   (how much is the backend's rounding; the merge report gives the figure, and ``max_error=`` refuses).
@@ -28,8 +34,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from ..capabilities import METHODS, OPERATIONS
-from ..errors import BackendUnavailableError, QadaptError
-from . import toy
+from ..errors import ArchitectureError, BackendUnavailableError, QadaptError
+from . import panel, toy
+
+#: the outcome of every cell of a method when the backend or the adapter method declares it cannot handle the model
+ARCHITECTURE_REFUSED = "refused for this architecture"
 
 
 @dataclass
@@ -38,12 +47,13 @@ class CellResult:
     method: str
     operation: str
     declared: bool
-    outcome: str  # "passed", "refused as declared", "failed...", "skipped", "unavailable"
+    outcome: str  # "passed", "refused as declared", "refused for this architecture", "failed...", "skipped", "unavailable"
     detail: str = ""
+    architecture: str | None = None  # the panel architecture it ran on (None: a model_factory of the caller's)
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("passed", "refused as declared", "skipped", "unavailable")
+        return self.outcome in ("passed", "refused as declared", ARCHITECTURE_REFUSED, "skipped", "unavailable")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,14 +78,23 @@ def check_backend(
     *,
     methods=METHODS,
     model_factory: Callable | None = None,
+    architecture: str | None = None,
     calibration=None,
     seed: int = 0,
 ) -> list[CellResult]:
     """Check every declared cell of ``backend`` (with ``options``) for ``methods``. Never raises for a cell.
 
     :param model_factory: builds the full-precision model (or returns a folder) to quantize; default: the toy Llama.
+    :param architecture: a name of the architecture panel (:mod:`qadapt.testing.panel`: ``"gpt2"``, ``"mixtral"``,
+        ...) to run on instead of ``model_factory``.
     :param calibration: token-id batches for backends that need them.
     """
+    if architecture is not None:
+        if model_factory is not None:
+            from ..errors import InvalidOptionError
+
+            raise InvalidOptionError("check_backend", "both architecture and model_factory given", "Pass one of them")
+        model_factory = panel.factory(architecture)
     import torch
 
     from ..plugins import get_backend
@@ -87,7 +106,7 @@ def check_backend(
     results: list[CellResult] = []
     generator = torch.Generator().manual_seed(seed)
     for method in methods:
-        cells = _Cells(backend, method, table, results)
+        cells = _Cells(backend, method, table, results, architecture)
         _check_method(cells, quant, resolved, options, model_factory or toy.build_model, calibration, generator)
     return results
 
@@ -95,14 +114,16 @@ def check_backend(
 class _Cells:
     """Records the outcome of one method's cells."""
 
-    def __init__(self, backend, method, table, results):
+    def __init__(self, backend, method, table, results, architecture=None):
         self.backend, self.method, self.table, self.results = backend, method, table, results
+        self.architecture = architecture
 
     def declared(self, operation) -> bool:
         return bool(self.table[(self.method, operation)])
 
     def record(self, operation, outcome, detail=""):
-        self.results.append(CellResult(self.backend, self.method, operation, self.declared(operation), outcome, detail))
+        self.results.append(CellResult(self.backend, self.method, operation, self.declared(operation), outcome, detail,
+                                       self.architecture))
 
     def record_rest(self, operations, outcome, detail):
         for operation in operations:
@@ -117,6 +138,8 @@ def _check_method(cells, quant, resolved, options, model_factory, calibration, g
         quantized = api.load(model_factory(), quant.name, calibration=calibration, **options)
     except BackendUnavailableError as exc:  # e.g. an option set that needs a GPU, on a CPU machine
         return cells.record_rest(OPERATIONS, "unavailable", str(exc))
+    except ArchitectureError as exc:  # declared by the backend (full_precision), refused before any work
+        return cells.record_rest(OPERATIONS, ARCHITECTURE_REFUSED, str(exc))
     except Exception as exc:  # quantization itself failed: every cell of this method fails
         return cells.record_rest(OPERATIONS, "failed", f"quantize: {type(exc).__name__}: {exc}")
     batch = _random_batch(quantized, generator)
@@ -129,7 +152,17 @@ def _check_method(cells, quant, resolved, options, model_factory, calibration, g
         cells.record("train", outcome, "" if outcome != "failed" else "no QadaptError, or weights changed")
         return cells.record_rest(later, "skipped", "training is refused")
     try:
+        before = _snapshot(quantized)
         model = api.attach(quantized, method, **STRONG_INIT[method])
+    except ArchitectureError as exc:
+        outcome = ARCHITECTURE_REFUSED if _same(before, _snapshot(quantized)) else "failed"
+        cells.record("train", outcome, str(exc) if outcome != "failed" else "refused after changing weights")
+        return cells.record_rest(later, "skipped", "training is refused on this architecture")
+    except Exception as exc:
+        cells.record("train", "failed", _describe(exc))
+        return cells.record_rest(later, "skipped", "training failed")
+    try:
+        _coverage_check(model)
         _train_check(model, batch)
         cells.record("train", "passed")
     except Exception as exc:
@@ -245,6 +278,28 @@ def _train_check(model, batch) -> None:
     frozen_changed = changed - names
     if frozen_changed:
         raise AssertionError(f"base weights changed: {sorted(frozen_changed)[:3]}")
+
+
+def _coverage_check(model) -> None:
+    """Every quantized matmul weight of the load report has an adapter (``target_modules="all-linear"``)."""
+    from peft.tuners.lora.layer import ParamWrapper
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..api import load_report
+    from ..inventory import clean_name
+
+    report = load_report(model)
+    if report is None:
+        return
+    adapted = set()
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            adapted.add(f"{clean_name(name)}.{module.parameter_name}")
+        elif isinstance(module, BaseTunerLayer):
+            adapted.add(clean_name(name))
+    missing = [w.name for w in report.quantized if w.name not in adapted and w.role != "router"]
+    if missing:
+        raise AssertionError(f"{len(missing)} quantized matmul weight(s) got no adapter: {missing[:4]}")
 
 
 def _snapshot(model) -> dict:

@@ -11,20 +11,39 @@ def variants(backend) -> list[dict]:
     return [dict(v) for v in backend.matrix_variants] + [dict(v) for v in backend.gpu_variants]
 
 
-def declared_rows(names=None) -> list[dict]:
-    """Every declared cell of every registered backend (or those in ``names``) and option set, with its reason."""
+def _registered(names):
     from ..plugins import registrations
 
-    rows = []
-    for name, registration in registrations().items():
-        if names and name not in names:
-            continue
+    return [(name, registration.backend) for name, registration in registrations().items()
+            if not names or name in names]
+
+
+def _option_sets(backend):
+    """``(options, resolved options)`` of every option set the matrix declares for ``backend``."""
+    for options in variants(backend):
         try:
-            rows += _declared(name, registration.backend)
+            resolved = backend.validate_options(options)
+        except QadaptError:
+            if options in [dict(v) for v in backend.gpu_variants]:
+                continue  # e.g. a GPU-only kernel on a CPU machine: declared only where it can be chosen
+            raise
+        yield options, resolved
+
+
+def _unreadable(exc) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+    return f"the backend's capability table could not be read ({type(exc).__name__}: {exc})"
+
+
+def declared_rows(names=None) -> list[dict]:
+    """Every declared cell of every registered backend (or those in ``names``) and option set, with its reason."""
+    rows = []
+    for name, backend in _registered(names):
+        try:
+            rows += _declared(name, backend)
         except BaseException as exc:  # noqa: BLE001 - one broken plugin's table must not hide the others'
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            reason = f"the backend's capability table could not be read ({type(exc).__name__}: {exc})"
+            reason = _unreadable(exc)
             rows += [{"backend": name, "options": {}, "method": method, "operation": operation, "supported": False,
                       "reason": reason, "hint": "run `qadapt doctor`; report it to the plugin's authors"}
                      for method in METHODS for operation in OPERATIONS]
@@ -33,13 +52,7 @@ def declared_rows(names=None) -> list[dict]:
 
 def _declared(name, backend) -> list[dict]:
     rows = []
-    for options in variants(backend):
-        try:
-            resolved = backend.validate_options(options)
-        except QadaptError:
-            if options in [dict(v) for v in backend.gpu_variants]:
-                continue  # e.g. a GPU-only kernel on a CPU machine: declared only where it can be chosen
-            raise
+    for options, resolved in _option_sets(backend):
         table = backend.capabilities(resolved)
         for method in METHODS:
             for operation in OPERATIONS:
@@ -49,11 +62,59 @@ def _declared(name, backend) -> list[dict]:
     return rows
 
 
-def verify(names=None) -> dict:
+def declared_architecture_rows(names=None, architectures=None) -> list[dict]:
+    """The architecture dimension of the declared table: for every backend option set and panel architecture, the
+    matmul weights the backend declares it cannot quantize there (``QuantBackend.full_precision``, asked about the
+    architecture's model on the meta device, before any work); ``supported`` is False when there is any, with their
+    reasons. A load of such a cell is refused unless ``allow_unquantized=`` lists them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import panel
+
+    shapes = {}
+    for arch in architectures or panel.NAMES:
+        with torch.device("meta"):
+            shapes[arch] = AutoModelForCausalLM.from_config(panel.config(arch))
+    rows = []
+    for name, backend in _registered(names):
+        try:
+            rows += _declared_architectures(name, backend, shapes)
+        except BaseException as exc:  # noqa: BLE001 - one broken plugin's table must not hide the others'
+            reason = _unreadable(exc)
+            rows += [{"backend": name, "options": {}, "architecture": arch, "supported": False, "reason": reason}
+                     for arch in shapes]
+    return rows
+
+
+def _declared_architectures(name, backend, shapes) -> list[dict]:
+    rows = []
+    for options, resolved in _option_sets(backend):
+        for arch, model in shapes.items():
+            try:
+                kept = backend.full_precision(model, resolved)
+            except Exception as exc:  # noqa: BLE001 - a declaration that fails is shown, not raised
+                rows.append({"backend": name, "options": options, "architecture": arch, "supported": False,
+                             "reason": f"full_precision() raised {type(exc).__name__}: {exc}"})
+                continue
+            refused: dict = {}
+            for weight, keep in kept.items():
+                if not keep.by_design:
+                    refused.setdefault(keep.reason, []).append(weight)
+            reason = "; ".join(f"{len(w)} weight(s) such as {w[0]}: {r}" for r, w in refused.items())
+            rows.append({"backend": name, "options": options, "architecture": arch, "supported": not refused,
+                         "reason": reason or "every matmul weight in the backend's scope is quantized"})
+    return rows
+
+
+def verify(names=None, architectures=None) -> dict:
     """Run :func:`qadapt.testing.conformance.check_backend` for every backend that can run here.
 
     The record holds what ``docs/compatibility.md`` is rendered from (``python tools/compat_docs.py``): the machine,
     the versions, each backend's environment check, the declared table (with reasons) and every cell's outcome.
+    ``architectures``: names of the panel (:mod:`qadapt.testing.panel`) to run each option set on instead of the toy
+    Llama (``docs/architectures.md`` is rendered from those records: ``python tools/panel_docs.py``); the record
+    then holds the declared architecture rows too.
     """
     import datetime
     import importlib.metadata
@@ -92,10 +153,15 @@ def verify(names=None) -> dict:
                 calibration = None
                 if backend.needs_calibration(backend.validate_options(options)):
                     calibration = _calibration()
-                cells = check_backend(name, options, calibration=calibration)
-                source = {}
+                if architectures:
+                    cells, source = [], {}
+                    for arch in architectures:
+                        cells += check_backend(name, options, calibration=calibration, architecture=arch)
+                else:
+                    cells = check_backend(name, options, calibration=calibration)
+                    source = {}
                 checkpoint = backend.verification_checkpoint
-                if (checkpoint and os.path.isdir(checkpoint) and cells
+                if (not architectures and checkpoint and os.path.isdir(checkpoint) and cells
                         and all(cell.outcome == "unavailable" for cell in cells)):
                     # quantizing cannot run here, but adapters on a checkpoint made elsewhere can be checked
                     source = {"source": f"the stored checkpoint {_shown(checkpoint)} (quantizing is unavailable "
@@ -105,15 +171,22 @@ def verify(names=None) -> dict:
                 results.append({"backend": name, "options": options, "outcome": "failed", "detail": f"{type(exc).__name__}: {exc}"})
                 continue
             for cell in cells:
-                results.append({**cell.to_dict(), "options": options, **source})
+                row = {**cell.to_dict(), "options": options, **source}
+                if not architectures:
+                    row.pop("architecture", None)  # the toy Llama: records as before
+                results.append(row)
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.monotonic() - started, 1),
-            "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
-                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-            "versions": versions, "environments": environments, "declared": declared_rows(names),
-            "results": results}
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "seconds": round(time.monotonic() - started, 1),
+              "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                          "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
+                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+              "versions": versions, "environments": environments, "declared": declared_rows(names),
+              "results": results}
+    if architectures:
+        record["architectures"] = list(architectures)
+        record["declared_architectures"] = declared_architecture_rows(names, architectures)
+    return record
 
 
 def _shown(path: str) -> str:
