@@ -3,7 +3,9 @@ tensor subclasses and misses what bitsandbytes hangs on its parameters.
 
 :func:`storage_bytes` walks every tensor reachable from parameters, buffers, tensor subclasses
 (``__tensor_flatten__``: torchao), attributes of parameter objects (bitsandbytes' ``quant_state`` with its nested
-double-quant state, LLM.int8's ``SCB``) and HQQ's ``meta`` dicts; each storage is counted once.
+double-quant state, LLM.int8's ``SCB``), HQQ's ``meta`` dicts and tensors held as plain module attributes (INC's
+layers cache their de-quantized float32 weight as ``layer.weight`` after the first forward: more than the packed
+model itself on the toy Llama, and neither a parameter nor a buffer); each storage is counted once.
 """
 
 from __future__ import annotations
@@ -64,4 +66,7 @@ def storage_bytes(model, include=None) -> int:
         state = getattr(module, "state", None)  # bitsandbytes 8-bit: MatmulLtState (CB/SCB share the weight's)
         if type(state).__name__ == "MatmulLtState":
             add(state)
+        for value in vars(module).values():  # plain tensor attributes: INC caches its de-quantized weight there
+            if isinstance(value, torch.Tensor):
+                add(value)
     return total

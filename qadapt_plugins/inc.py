@@ -201,12 +201,19 @@ class INCBackend(QuantBackend):
             quantized = convert(prepare(model, self._config(options)))
         for _, layer in _inc_layers(quantized):
             layer._qadapt_scheme = "sym" if options["sym"] else "asym"
+        # INC's convert() sets is_quantized=True on the model (neural_compressor/torch/quantization/quantize.py:320,
+        # INC 3.10); transformers' Trainer then takes it for a model transformers quantized and reads its
+        # hf_quantizer, which it has not ("no attribute 'hf_quantizer'"). Without the attribute, PreTrainedModel's own
+        # is_quantized (hf_quantizer is not None) answers, as for a model loaded from a folder.
+        quantized.__dict__.pop("is_quantized", None)
         return quantized
 
     def save(self, model, path, options):
         from safetensors.torch import save_file
 
         from qadapt.hf import unshared_state_dict
+
+        from qadapt.hf import mark_qadapt_only
 
         layers = {name: _layer_spec(layer) for name, layer in _inc_layers(model)}
         state = unshared_state_dict(model)  # tied weights: safetensors refuses shared storage
@@ -215,14 +222,16 @@ class INCBackend(QuantBackend):
         with open(os.path.join(path, LAYOUT_FILE), "w") as handle:
             json.dump({"format_version": FORMAT_VERSION, "library_version": self.library_version(),
                        "options": options, "layers": layers}, handle, indent=2)
+        # packed qweight/qzeros/scales under names transformers does not know: it would load random weights
+        mark_qadapt_only(path, self.name, f"INC weight-only layers in qadapt's layout ({LAYOUT_FILE})")
 
     def load(self, path, options):
         import torch
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from qadapt.errors import CheckpointError
-        from qadapt.hf import replace_module
+        from qadapt.hf import load_config, replace_module
 
         layout_path = os.path.join(path, LAYOUT_FILE)
         if not os.path.exists(layout_path):
@@ -230,7 +239,7 @@ class INCBackend(QuantBackend):
                                   "Save the model with qadapt (backend 'inc') first")
         with open(layout_path) as handle:
             layout = json.load(handle)
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(path)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
         for name, spec in layout["layers"].items():
             replace_module(model, name, _build_layer(spec))
@@ -242,8 +251,19 @@ class INCBackend(QuantBackend):
             model.get_submodule(name)._qadapt_scheme = spec.get("scheme")
         return model.eval()
 
-    def is_quantized_checkpoint(self, path):
-        return os.path.exists(os.path.join(path, LAYOUT_FILE))
+    def folder_options(self, path):
+        """qadapt's own layout (``inc_layers.json``: the options and every layer's description)."""
+        from qadapt.errors import CheckpointError
+        from qadapt.hf import qadapt_only_backend, read_json
+
+        layout = read_json(os.path.join(path, LAYOUT_FILE))
+        if layout is not None:
+            known = {option.name for option in self.options}
+            return {key: value for key, value in (layout.get("options") or {}).items() if key in known}
+        if qadapt_only_backend(path) == self.name:
+            raise CheckpointError(f"load {path!r}", f"config.json says it holds INC layers but {LAYOUT_FILE} is missing",
+                                  "Copy the whole folder qadapt.save wrote")
+        return None
 
     def quantized_layer_types(self):
         from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
