@@ -217,6 +217,23 @@ def qadapt_only_backend(path: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def layout_options(path: str, layout_file: str, backend) -> dict | None:
+    """For :meth:`QuantBackend.folder_options` of a backend that writes its own layout file beside a marked
+    ``config.json`` (:func:`mark_qadapt_only`): the ``"options"`` the layout file records (those ``backend``
+    declares), or None for a folder without it; a folder marked as ``backend``'s whose layout file is missing is
+    refused (:class:`qadapt.CheckpointError`)."""
+    layout = read_json(os.path.join(path, layout_file))
+    if layout is not None:
+        known = {option.name for option in backend.options}
+        return {key: value for key, value in (layout.get("options") or {}).items() if key in known}
+    if qadapt_only_backend(path) == backend.name:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"load {path!r}", f"config.json says it holds {backend.name} layers but {layout_file} is "
+                              "missing", "Copy the whole folder qadapt.save wrote")
+    return None
+
+
 def load_config(path: str):
     """``AutoConfig.from_pretrained(path)`` without the mark of :func:`mark_qadapt_only` (so that PEFT, Trainer and
     ``save_pretrained`` never see a quantization config without a method)."""

@@ -137,16 +137,12 @@ class HQQBackend(QuantBackend):
     def folder_options(self, path):
         """qadapt's own layout (``hqq_layers.json``); transformers' ``HqqConfig`` folders are refused: transformers
         5.23 cannot load them either ("QuantizationMethod.HQQ is not available yet")."""
-        from qadapt.errors import CheckpointError, IncompatibleError
-        from qadapt.hf import folder_quantization_config, qadapt_only_backend, read_json
+        from qadapt.errors import IncompatibleError
+        from qadapt.hf import folder_quantization_config, layout_options
 
-        layout = read_json(os.path.join(path, LAYOUT_FILE))
-        if layout is not None:
-            known = {option.name for option in self.options}
-            return {key: value for key, value in (layout.get("options") or {}).items() if key in known}
-        if qadapt_only_backend(path) == self.name:
-            raise CheckpointError(f"load {path!r}", f"config.json says it holds HQQ layers but {LAYOUT_FILE} is missing",
-                                  "Copy the whole folder qadapt.save wrote")
+        options = layout_options(path, LAYOUT_FILE, self)
+        if options is not None:
+            return options
         if str((folder_quantization_config(path) or {}).get("quant_method", "")).lower() == "hqq":
             raise IncompatibleError(
                 f"load {path!r}", "its config.json holds transformers' HqqConfig layout (quant_method='hqq'), which "

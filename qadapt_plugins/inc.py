@@ -253,17 +253,9 @@ class INCBackend(QuantBackend):
 
     def folder_options(self, path):
         """qadapt's own layout (``inc_layers.json``: the options and every layer's description)."""
-        from qadapt.errors import CheckpointError
-        from qadapt.hf import qadapt_only_backend, read_json
+        from qadapt.hf import layout_options
 
-        layout = read_json(os.path.join(path, LAYOUT_FILE))
-        if layout is not None:
-            known = {option.name for option in self.options}
-            return {key: value for key, value in (layout.get("options") or {}).items() if key in known}
-        if qadapt_only_backend(path) == self.name:
-            raise CheckpointError(f"load {path!r}", f"config.json says it holds INC layers but {LAYOUT_FILE} is missing",
-                                  "Copy the whole folder qadapt.save wrote")
-        return None
+        return layout_options(path, LAYOUT_FILE, self)
 
     def quantized_layer_types(self):
         from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
