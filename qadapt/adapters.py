@@ -336,3 +336,57 @@ def repair_parameter_wrappers(peft_model) -> int:
             base.register_forward_pre_hook(drop_cached_values)
             base._qadapt_cache_hook = True
     return hooked
+# ------------------------------------------------------------------------------- adapters already on a model
+def method_of(config) -> str:
+    """qadapt's method name for a PEFT adapter config, or :class:`InvalidOptionError` naming a PEFT type qadapt does
+    not handle."""
+    import peft
+
+    if isinstance(config, peft.AdaLoraConfig):  # first: AdaLoraConfig subclasses LoraConfig
+        return "adalora"
+    if isinstance(config, peft.LoraConfig):
+        return "dora" if config.use_dora else "lora"
+    if isinstance(config, peft.VeraConfig):
+        return "vera"
+    if isinstance(config, peft.IA3Config):
+        return "ia3"
+    raise InvalidOptionError(
+        f"a {type(config).__name__} adapter", f"qadapt handles {', '.join(METHODS)} adapters; this one is PEFT type "
+        f"{getattr(config, 'peft_type', '?')}", "Save, load and merge it with PEFT's own functions",
+    )
+
+
+def attached(model) -> dict[str, str]:
+    """``{adapter name: method}`` for every adapter on ``model``, however it got there (qadapt.attach,
+    ``peft.get_peft_model``, ``PeftModel.from_pretrained``, TRL's ``SFTTrainer(peft_config=...)``); ``{}`` for a
+    model without one. A model holding PEFT layers outside a ``PeftModel`` (transformers' ``model.add_adapter``,
+    ``peft.inject_adapter_in_model``) is refused: qadapt could neither save nor merge those adapters."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, peft.PeftModel):
+        return {name: method_of(config) for name, config in model.peft_config.items()}
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise InvalidOptionError(
+            "a model with PEFT adapter layers but no PeftModel around it (transformers' add_adapter or PEFT's "
+            "inject_adapter_in_model)", "qadapt saves, merges and restores adapters of a peft.PeftModel",
+            "Attach with qadapt.attach (or peft.get_peft_model), or load the adapter with qadapt.load_adapter",
+        )
+    return {}
+
+
+def active_name(model) -> str:
+    """The name of the active adapter of a ``PeftModel`` (PEFT activates one at a time)."""
+    active = model.active_adapter
+    return active[0] if isinstance(active, (list, tuple)) else active
+
+
+def holds(layer, adapter_name: str) -> bool:
+    """Does the PEFT tuner layer hold weights of ``adapter_name``? (PEFT's ``layer.active_adapters`` is the model-wide
+    setting: a layer left by another adapter lists it too.)"""
+    return any(adapter_name in (getattr(layer, part, None) or {}) for part in layer.adapter_layer_names)
+
+
+def parameters_of(peft_model, adapter_name: str):
+    """The parameters of one adapter (PEFT names them ``...<part>.<adapter name>[.weight]``)."""
+    return [p for n, p in peft_model.named_parameters() if f".{adapter_name}." in n or n.endswith(f".{adapter_name}")]

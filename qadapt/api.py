@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import adapters, checkpoint, inputs, progress, proxy, quiet, scope
+from . import adapters, checkpoint, folders, inputs, loftq as loftq_init, progress, proxy, quiet, scope
 from .capabilities import MERGE_STRATEGIES, METHODS
 from .errors import ArchitectureError, CheckpointError, IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
@@ -21,17 +21,23 @@ quiet_libraries()  # the known harmless messages of the backend libraries (QADAP
 
 # ---------------------------------------------------------------------------------------------------------- load
 def load(model: Any, backend: str | None = None, *, calibration: Any = None, tokenizer: Any = None,
-         allow_unquantized=(), **options):
+         allow_unquantized=(), trainable: bool = False, **options):
     """Load or quantize a causal LM with ``backend``; or restore a folder written by :func:`save`.
 
     :param model: a ``PreTrainedModel`` in full precision, a path to a transformers folder (full precision, or already
-        quantized in ``backend``'s format), or a folder written by :func:`qadapt.save` (then leave ``backend`` out).
-    :param backend: the backend's name (``qadapt backends`` lists them).
+        quantized: then qadapt reads the backend and its options from the folder), or a folder written by
+        :func:`qadapt.save` (then leave ``backend`` out).
+    :param backend: the backend's name (``qadapt backends`` lists them). For an already-quantized folder it may be
+        left out; one that differs from the folder's is refused.
     :param calibration: for backends that need it: a list of texts (with ``tokenizer``) or of token-id tensors.
     :param allow_unquantized: matmul weights (full names, name suffixes or ``fnmatch`` patterns) that may stay in full
         precision although the backend's scope includes them. Without it, a load that would leave such a weight
         unquantized (a layer kind or shape the backend cannot take) is refused before any work, naming the layers.
-    :param options: the backend's options (``qadapt backends --json`` lists them), checked before any work.
+    :param trainable: for a folder written by :func:`save`: its adapters come back with the active one trainable, to
+        train further (see README, "Resume training").
+    :param options: the backend's options (``qadapt backends --json`` lists them), checked before any work. For an
+        already-quantized folder, the options it holds are read from it; only runtime options (a kernel, a compute
+        dtype) may be chosen, and one that contradicts the folder is refused.
 
     What the load did (every matmul weight, quantized or kept in full precision and why, bits per weight) is logged
     once at INFO on the ``qadapt`` logger and returned by :func:`load_report`.
@@ -52,21 +58,13 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
                 "Call qadapt.load(path) alone",
             )
         with progress.step(f"load checkpoint {model!r}", heartbeat=True):
-            return checkpoint.load(model)
-    if backend is None:
-        if isinstance(model, str) and checkpoint.looks_like_checkpoint(model):
-            raise CheckpointError(f"load {model!r}", f"{checkpoint.MANIFEST} is missing",
-                                  "Point at a folder written by qadapt.save")
-        raise InvalidOptionError(
-            "load without a backend",
-            "qadapt needs to know how to quantize the model",
-            "Pass backend=... (run `qadapt backends` for the list), or a folder written by qadapt.save",
-        )
-    if not isinstance(backend, str):
+            return checkpoint.load(model, trainable=trainable)
+    if trainable:
+        raise InvalidOptionError("load with trainable=True", "trainable applies to a folder written by qadapt.save "
+                                 "(it makes its adapter trainable)", "Attach an adapter with qadapt.attach")
+    if backend is not None and not isinstance(backend, str):
         raise InvalidOptionError(f"load with backend={backend!r}", "a backend is named by a string",
                                  "Pass backend='name' (run `qadapt backends` for the list)")
-    quant = ready_backend(backend, f"load with backend '{backend}'")
-    resolved = quant.validate_options(options)
     allow = _patterns(allow_unquantized)
     if isinstance(model, str) and not os.path.isdir(model):
         raise InvalidOptionError(
@@ -74,17 +72,32 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         )
     if isinstance(model, str):
         inputs.check_model_folder(model)
-    else:
-        inputs.refuse_converted(model, quant)
-    prequantized = isinstance(model, str) and quant.is_quantized_checkpoint(model)
+    claim = folders.detect(model, backend) if isinstance(model, str) else None
     kept = None
-    if not prequantized:
-        kept = scope.check_before(model if not isinstance(model, str) else checkpoint_shape(model), quant, resolved,
-                                  allow, f"load with backend '{backend}'")
-    if prequantized:
+    if claim is not None:
+        resolved = folders.resolve(model, claim, backend, options)
+        backend = claim.backend.name
+        quant = ready_backend(backend, f"load {model!r} with backend '{backend}'")
         with progress.step(f"load {model!r} with {backend}", heartbeat=True):
             loaded = quant.load(model, resolved)
     else:
+        if backend is None:
+            if isinstance(model, str) and checkpoint.looks_like_checkpoint(model):
+                raise CheckpointError(f"load {model!r}", f"{checkpoint.MANIFEST} is missing",
+                                      "Point at a folder written by qadapt.save")
+            raise InvalidOptionError(
+                "load without a backend",
+                "qadapt needs to know how to quantize the model" + (" (no backend reads this folder's weights as "
+                                                                      "quantized: they are full precision)"
+                                                                      if isinstance(model, str) else ""),
+                "Pass backend=... (run `qadapt backends` for the list), or a folder written by qadapt.save",
+            )
+        quant = ready_backend(backend, f"load with backend '{backend}'")
+        resolved = quant.validate_options(options)
+        if not isinstance(model, str):
+            inputs.refuse_converted(model, quant)
+        kept = scope.check_before(model if not isinstance(model, str) else checkpoint_shape(model), quant, resolved,
+                                  allow, f"load with backend '{backend}'")
         batches = inputs.calibration_batches(calibration, tokenizer, inputs.vocab_size_of(model))
         if quant.needs_calibration(resolved) and not batches:
             raise InvalidOptionError(
@@ -95,10 +108,11 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         with progress.step(f"quantize with {backend}" + (" (calibrating)" if batches else ""), heartbeat=True):
             loaded = quant.quantize(model, resolved, calibration=batches)
     inputs.check_loaded(loaded, quant)
-    report = scope.report(loaded, quant, resolved, kept=kept, allow=allow, from_checkpoint=prequantized,
+    report = scope.report(loaded, quant, resolved, kept=kept, allow=allow, from_checkpoint=claim is not None,
                           asked=f"load with backend '{backend}'")
     set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version(),
-                              allow_unquantized=allow))
+                              allow_unquantized=allow,
+                              source=os.path.abspath(model) if isinstance(model, str) else None))
     scope.record_report(loaded, report)
     return loaded
 
@@ -126,6 +140,9 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
     :param target_modules: ``"all-linear"`` (every linear, Conv1D or quantized layer but the output head and MoE
         routers, and with LoRA the fused 3-D expert parameters of MoE models too), or PEFT's forms.
     :param options: the PEFT config's options (``r``, ``lora_alpha``, ``total_step`` for AdaLoRA, ...).
+        ``init_lora_weights="loftq"`` on a quantized base starts LoRA at the best rank-r approximation of each layer's
+        quantization error (where the backend offers it: bitsandbytes 4-bit NF4, on CUDA, quantized from a
+        full-precision folder; refused elsewhere, before any change).
     """
     import peft
     import torch
@@ -148,6 +165,11 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
     support = backend.peft_compatible(method, record.options)
     if not support:
         raise IncompatibleError(_on(f"attach {method!r}", record), support.reason, support.hint)
+    loftq = record.backend is not None and options.get("init_lora_weights") == "loftq"
+    if loftq:
+        source = loftq_init.check(_on(f"attach {method!r} with init_lora_weights='loftq'", record), method, record,
+                                  backend, options)
+        options = {key: value for key, value in options.items() if key != "init_lora_weights"}
     targets = adapters.target_names(model, backend, target_modules)
     matched = inputs.check_target_modules(model, targets, method)
     inputs.check_adapter_options(method, options, inputs.widest_layer(model, matched))
@@ -161,8 +183,8 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
         )
     config = adapters.peft_config(method, targets, model, options, parameters=parameters)
     adapters.register_custom_layers(config, backend)
-    rewrites_weights = isinstance(getattr(config, "init_lora_weights", None), str) \
-        and config.init_lora_weights != "gaussian"
+    rewrites_weights = loftq or (isinstance(getattr(config, "init_lora_weights", None), str)
+                                 and config.init_lora_weights != "gaussian")
     try:
         with restored_on_failure(model, copy_tensors=rewrites_weights):
             if method in backend.proxy_methods:
@@ -171,6 +193,8 @@ def attach(model, method: str = "lora", *, target_modules: Any = "all-linear", a
                 peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
             adapters.repair_parameter_wrappers(peft_model)
             adapters.freeze_constants(peft_model)
+            if loftq:
+                loftq_init.initialise(peft_model, source, adapter_name)
     except QadaptError:
         raise
     except Exception as exc:
@@ -204,10 +228,21 @@ def merge(model, strategy: str = "requantize", *, max_error: float | None = None
     record = get_record(model)
     inputs.check_choice(strategy, MERGE_STRATEGIES, f"merge strategy {strategy!r}", "strategy")
     inputs.check_max_error(max_error)
-    if record.method is None:
-        raise InvalidOptionError("merge", "the model has no adapter attached by qadapt", "Call qadapt.attach first")
     if record.merge is not None:
         raise InvalidOptionError("merge", "the adapter is already merged", "Call qadapt.unmerge(model) first")
+    on_model = adapters.attached(model)
+    if not on_model:
+        raise InvalidOptionError("merge", "the model carries no adapter", "Attach one with qadapt.attach first")
+    # the active adapter, whoever attached it (qadapt, PEFT, TRL) and whatever set_adapter chose since
+    record.adapter_name = adapters.active_name(model)
+    record.method = on_model[record.adapter_name]
+    others = sorted(set(on_model) - {record.adapter_name})
+    if others:
+        raise InvalidOptionError(
+            f"merge adapter {record.adapter_name!r}", f"adapters {', '.join(map(repr, others))} are attached too: the "
+            "merged layers would drop them from the model, and they were trained on the unmerged base",
+            "Save the model first (qadapt.save keeps every adapter), then model.delete_adapter(name) for each other one",
+        )
     backend = backend_of(record)
     support = backend.can_merge(record.method, record.options, strategy)
     if not support:
@@ -246,26 +281,38 @@ def unmerge(model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- save
-def save(model, path, *, overwrite: bool = False) -> str:
-    """Save the quantized base, the adapter (unless merged into the base) and ``qadapt.json``: backend, library
-    version, options, adapter method, merge report, and a checksum of every file. Written to a temporary folder and
-    renamed into place; an existing non-empty ``path`` is refused unless ``overwrite=True``."""
+def save(model, path, *, overwrite: bool = False, tokenizer: Any = None) -> str:
+    """Save the quantized base, every adapter (unless merged into the base) and ``qadapt.json``: backend, library
+    version, options, adapters and which is active, merge report, and a checksum of every file. Adapters PEFT or TRL
+    attached are saved like qadapt's own. ``base/`` also gets the ``tokenizer`` (or, where none is passed, the
+    tokenizer files of the folder the model was loaded from) and ``generation_config.json``. Written to a temporary
+    folder and renamed into place; an existing non-empty ``path`` is refused unless ``overwrite=True``."""
     with progress.step(f"save to {os.fspath(path)!r}", heartbeat=True):
-        return checkpoint.save(model, os.fspath(path), overwrite=overwrite)
+        return checkpoint.save(model, os.fspath(path), overwrite=overwrite, tokenizer=tokenizer)
 
 
-def load_adapter(model, path, *, strict: bool = True, is_trainable: bool = False):
-    """Load an adapter saved by :func:`save` onto ``model``; refuse (``strict``) or warn if ``model`` was quantized
-    differently from the base the adapter was trained on."""
-    import peft
+def load_adapter(model, path, *, strict: bool = True, is_trainable: bool = False, adapter_name: str | None = None):
+    """Load an adapter onto ``model`` (a quantized base, or a ``PeftModel`` to add an adapter to).
+
+    ``path``: an adapter saved by :func:`save` (``out/adapter``), the folder :func:`save` wrote (every adapter it
+    holds, the active one active), a plain PEFT adapter folder (``save_pretrained``), or a Trainer/TRL
+    ``checkpoint-N`` folder (its adapter only: optimizer and scheduler state are Trainer's, see README "Resume
+    training"). Adapter weights are read from safetensors only. Where qadapt's provenance is present, an adapter
+    trained on a base quantized differently is refused (``strict``) or warned about; without it, qadapt warns that it
+    cannot check, and records that note with the adapter.
+    """
     import torch
 
-    if not isinstance(model, torch.nn.Module) or isinstance(model, peft.PeftModel):
-        raise InvalidOptionError(f"load adapter {path!r} onto {type(model).__name__}", "expected a base model without "
-                                 "an adapter", "Pass the model qadapt.load returned")
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidOptionError(f"load adapter {path!r} onto {type(model).__name__}", "expected a model",
+                                 "Pass the model qadapt.load returned, or a PeftModel to add the adapter to")
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
-        raise CheckpointError(f"load adapter {path!r}", "no such folder", "Pass the adapter/ folder of a checkpoint")
-    return checkpoint.load_adapter(model, os.fspath(path), strict=strict, is_trainable=is_trainable)
+        raise CheckpointError(f"load adapter {path!r}", "no such folder",
+                              "Pass the adapter/ folder of a checkpoint, a PEFT adapter folder or a checkpoint-N folder")
+    if adapter_name is not None:
+        checkpoint.check_adapter_name(adapter_name, f"load adapter {path!r}")
+    return checkpoint.load_adapter(model, os.fspath(path), strict=strict, is_trainable=is_trainable,
+                                   adapter_name=adapter_name)
 
 
 __all__ = ["load", "attach", "prepare", "merge", "unmerge", "save", "load_adapter", "load_report", "QadaptError"]

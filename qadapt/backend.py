@@ -265,7 +265,8 @@ class QuantBackend(abc.ABC):
         tensors, or None."""
 
     def load(self, path: str, options: dict[str, Any]) -> "torch.nn.Module":
-        """Load a folder already quantized in this backend's format (from :meth:`save` or elsewhere). Required when a
+        """Load a folder already quantized in this backend's format (one :meth:`folder_options` claims: from
+        :meth:`save` or elsewhere). ``options`` are the folder's, with the caller's runtime options. Required when a
         ``save`` cell says yes."""
         raise NotImplementedError(f"backend '{self.name}' cannot load quantized folders")
 
@@ -274,17 +275,18 @@ class QuantBackend(abc.ABC):
         Required when a ``save`` cell says yes."""
         raise NotImplementedError(f"backend '{self.name}' cannot save")
 
-    def is_quantized_checkpoint(self, path: str) -> bool:
-        """Does the transformers folder ``path`` already hold weights in this backend's format? Default: its
-        ``config.json`` has a ``quantization_config``."""
-        import json
-        import os
+    def folder_options(self, path: str) -> dict[str, Any] | None:
+        """The options of the transformers folder ``path`` if its weights are already in this backend's format, read
+        from the folder itself (``config.json``'s ``quantization_config``, the backend's own layout files): the
+        options that say what the weights are, and runtime options only where the folder records them. None if the
+        folder is not in this format.
 
-        try:
-            with open(os.path.join(path, "config.json")) as handle:
-                return "quantization_config" in json.load(handle)
-        except (OSError, ValueError):
-            return False
+        ``qadapt.load(path)`` asks every registered backend; the one that claims the folder loads it (:meth:`load`)
+        and these options are recorded, so a conflicting ``backend=`` or option from the caller is refused with the
+        difference. Raise a :class:`qadapt.QadaptError` for a folder in this format that the backend cannot
+        represent (its reason is shown). Pure: reads files, imports no backend library. Default: None (the backend
+        has no folder format to recognise; its folders then load only as full precision)."""
+        return None
 
     def quantized_layer_types(self) -> tuple[type, ...]:
         """The module classes this backend puts in place of ``nn.Linear`` (they become adapter targets). Implement
@@ -348,6 +350,19 @@ class QuantBackend(abc.ABC):
         tensor}``) quantized the same way; ``module`` is not changed. Needed to merge an adapter on such parameters
         with ``strategy="requantize"`` (de-quantizing them is reading the parametrized attribute)."""
         raise NotImplementedError(f"backend '{self.name}' cannot re-quantize fused expert parameters")
+    def loftq_support(self, options: dict[str, Any]) -> Support:
+        """Can ``qadapt.attach(model, "lora", init_lora_weights="loftq")`` start LoRA from LoftQ on a model quantized
+        with ``options``? LoftQ sets each LoRA pair to the best rank-r approximation of the layer's quantization error
+        (PEFT's ``replace_lora_weights_loftq``, reading the full-precision weights from the folder the model was
+        quantized from). Pure. Default: no (PEFT's LoftQ for an already-quantized base handles bitsandbytes 4-bit
+        layers only)."""
+        from .capabilities import no
+
+        return no(
+            "PEFT's LoftQ for an already-quantized base (replace_lora_weights_loftq) handles bitsandbytes 4-bit layers "
+            f"only, not backend '{self.name}'s",
+            "Drop init_lora_weights='loftq' (LoRA starts from zero), or quantize with bitsandbytes 4-bit NF4 for LoftQ",
+        )
 
     def peft_layer_types(self) -> dict[type, Any]:
         """Extra ``{quantized layer class: LoRA layer factory}`` for layers PEFT does not know (see PEFT's
@@ -385,6 +400,9 @@ def contract_problems(backend: QuantBackend) -> list[str]:
         problems.append("option names must be identifiers (they are keyword arguments of qadapt.load)")
     elif len(set(names)) != len(names):
         problems.append(f"declares an option twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    if hasattr(backend, "is_quantized_checkpoint"):
+        problems.append("implements is_quantized_checkpoint(), which qadapt no longer calls: rename it folder_options(path) "
+                        "and return the folder's options (a dict) instead of True, None instead of False")
     if not (_overrides(backend, "quantized_layer_types") or _overrides(backend, "is_quantized_layer")):
         problems.append("implements neither quantized_layer_types() nor is_quantized_layer(): qadapt cannot find its layers")
     for attribute in ("matrix_variants", "gpu_variants"):

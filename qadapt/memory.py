@@ -3,8 +3,10 @@ tensor subclasses and misses what bitsandbytes hangs on its parameters.
 
 :func:`storage_bytes` walks every tensor reachable from parameters, buffers, tensor subclasses
 (``__tensor_flatten__``: torchao), attributes of parameter objects (bitsandbytes' ``quant_state`` with its nested
-double-quant state, LLM.int8's ``SCB``), the ``quant_state`` of bitsandbytes' parametrizations (4-bit MoE experts) and
-HQQ's ``meta`` dicts; each storage is counted once. Bits per matmul weight after a load: ``qadapt.load_report(model)``.
+double-quant state, LLM.int8's ``SCB``), the ``quant_state`` of bitsandbytes' parametrizations (4-bit MoE experts),
+HQQ's ``meta`` dicts and tensors held as plain module attributes (INC's layers cache their de-quantized float32 weight
+as ``layer.weight`` after the first forward: more than the packed model itself on the toy Llama, and neither a
+parameter nor a buffer); each storage is counted once. Bits per matmul weight after a load: ``qadapt.load_report(model)``.
 """
 
 from __future__ import annotations
@@ -70,4 +72,7 @@ def storage_bytes(model, include=None) -> int:
         quant_state = module.__dict__.get("quant_state")
         if type(quant_state).__name__ == "QuantState":
             add(quant_state)
+        for value in vars(module).values():  # plain tensor attributes: INC caches its de-quantized weight there
+            if isinstance(value, torch.Tensor):
+                add(value)
     return total

@@ -19,6 +19,8 @@ class Record:
     merged_when_saved: Any = None  # for a model loaded from a merged checkpoint: its manifest's "merged" entry
     allow_unquantized: tuple = ()  # qadapt.load(allow_unquantized=...): in-scope weights kept in full precision
     load_report: Any = None  # a qadapt.inventory.LoadReport
+    source: str | None = None  # the folder the model was loaded from (its tokenizer; LoftQ's full-precision weights)
+    adapter_notes: dict = field(default_factory=dict)  # adapter name -> why its provenance is not qadapt's own
 
     def describe(self) -> dict:
         return {"backend": self.backend, "options": self.options, "library_version": self.library_version}

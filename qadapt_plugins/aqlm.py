@@ -234,13 +234,23 @@ class AqlmBackend(QuantBackend):
         install_cpu_kernels(model)
         return model
 
-    def is_quantized_checkpoint(self, path):
-        try:
-            with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-                quant = json.load(handle).get("quantization_config") or {}
-        except (OSError, ValueError):
-            return False
-        return quant.get("quant_method") == "aqlm"
+    def folder_options(self, path):
+        """transformers' ``AqlmConfig`` (``quant_method: aqlm``): the codebook shape, and the layers left in full
+        precision (weight names there; module names here). The k-means settings are quantize-time only."""
+        from qadapt.hf import folder_quantization_config
+
+        quant = folder_quantization_config(path) or {}
+        if quant.get("quant_method") != "aqlm":
+            return None
+        if quant.get("out_group_size", 1) != 1:
+            from qadapt.errors import IncompatibleError
+
+            raise IncompatibleError(f"load {path!r}", f"its AQLM layers have out_group_size={quant['out_group_size']}",
+                                    "qadapt's aqlm backend handles out_group_size=1 only")
+        skipped = {name[: -len(".weight")] if name.endswith(".weight") else name
+                   for name in quant.get("linear_weights_not_to_quantize") or ()}
+        return {"num_codebooks": quant.get("num_codebooks", 1), "nbits_per_codebook": quant.get("nbits_per_codebook", 16),
+                "in_group_size": quant.get("in_group_size", 8), "skip_modules": tuple(sorted(skipped))}
 
     def save(self, model, path, options):
         import aqlm
@@ -260,8 +270,11 @@ class AqlmBackend(QuantBackend):
                 if alias is not None and alias is module.codes:
                     aliases.append((module, alias))
                     del module._parameters["qweight"]
+        from qadapt.hf import saving_pre_quantized
+
         try:
-            model.save_pretrained(path, safe_serialization=True)
+            with saving_pre_quantized(model):
+                model.save_pretrained(path, safe_serialization=True)
         finally:
             for module, alias in aliases:
                 module._parameters["qweight"] = alias

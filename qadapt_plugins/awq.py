@@ -107,8 +107,20 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
             _compute_in_float32(model)
         return model
 
-    def is_quantized_checkpoint(self, path):
-        return common.method_of(common.read_quantization_config(path)) == "awq"
+    def folder_options(self, path):
+        """``quantization_config`` with ``quant_method: awq`` (AutoAWQ, gptqmodel, transformers)."""
+        qconfig = common.read_quantization_config(path)
+        if common.method_of(qconfig) != "awq":
+            return None
+        packing = str(qconfig.get("version") or qconfig.get("checkpoint_format") or qconfig.get("format") or "gemm")
+        if packing.lower() != "gemm":
+            from qadapt.errors import IncompatibleError
+
+            raise IncompatibleError(f"load {path!r}", f"its AWQ weights are packed as {packing!r}",
+                                    "qadapt's awq backend reads AWQ's 'gemm' packing")
+        return {"bits": qconfig.get("bits", qconfig.get("w_bit", 4)),
+                "group_size": qconfig.get("group_size", qconfig.get("q_group_size", 128)),
+                "zero_point": bool(qconfig.get("zero_point", True))}
 
     def quantized_layer_types(self):
         common.import_gptqmodel()

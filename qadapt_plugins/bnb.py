@@ -99,6 +99,15 @@ class BitsAndBytesBackend(QuantBackend):
                 kept[weight.name] = cannot(f"fused MoE expert parameter of {weight.elements} weights, not a multiple "
                                            f"of the 4-bit block size {options['blocksize']}")
         return kept
+    def loftq_support(self, options):
+        if options["bits"] == 4 and options["quant_type"] == "nf4":
+            return yes("PEFT's replace_lora_weights_loftq on bitsandbytes 4-bit layers (NF4, as in the LoftQ paper)")
+        return no(
+            "qadapt offers LoftQ on bitsandbytes 4-bit NF4 only (PEFT's LoftQ for a quantized base handles 4-bit "
+            f"layers; the LoftQ paper and PEFT's tests use NF4), not bits={options['bits']}, "
+            f"quant_type={options['quant_type']!r}",
+            "Quantize with bits=4, quant_type='nf4' for LoftQ, or drop init_lora_weights='loftq'",
+        )
 
     def forward_tolerance(self, options):
         # LLM.int8's forward casts activations to float16 and rounds them to int8 too: up to 0.024 measured on the
@@ -180,31 +189,76 @@ class BitsAndBytesBackend(QuantBackend):
         _keep_cpu_layout(model)
         return model
 
+    def folder_options(self, path):
+        """What transformers' bitsandbytes serialization records: ``config.json`` has the bits, data type, double
+        quantization and compute dtype; the 4-bit block size is only in each layer's ``quant_state`` entry of the
+        safetensors files."""
+        from qadapt.hf import folder_quantization_config
+
+        config = folder_quantization_config(path)
+        if config is None or str(config.get("quant_method", "")).lower() != "bitsandbytes":
+            return None
+        if config.get("load_in_8bit") or config.get("_load_in_8bit"):
+            if config.get("llm_int8_has_fp16_weight"):
+                from qadapt.errors import IncompatibleError
+
+                raise IncompatibleError(f"load {path!r}", "its bitsandbytes config keeps 8-bit weights in float16 "
+                                        "(llm_int8_has_fp16_weight=True): they are not quantized",
+                                        "Load it with transformers directly")
+            return {"bits": 8}
+        options = {
+            "bits": 4,
+            # BitsAndBytesConfig's own defaults where the config leaves a key out
+            "quant_type": config.get("bnb_4bit_quant_type", "fp4"),
+            "double_quant": bool(config.get("bnb_4bit_use_double_quant", False)),
+            "compute_dtype": str(config.get("bnb_4bit_compute_dtype") or "float32").replace("torch.", ""),
+        }
+        sizes = _stored_blocksizes(path)
+        if len(sizes) > 1:
+            from qadapt.errors import IncompatibleError
+
+            raise IncompatibleError(f"load {path!r}", f"its 4-bit layers use several block sizes ({sorted(sizes)})",
+                                    "qadapt records one blocksize per model; load it with transformers directly")
+        if sizes:
+            options["blocksize"] = sizes.pop()
+        return options
+
     def load(self, path, options):
         import os
 
+        import torch
+
         if not os.path.exists(os.path.join(path, EXPERTS_FILE)):
-            return self._from_pretrained(path, None)
-        from transformers import AutoModelForCausalLM
+            model = self._from_pretrained(path, None)
+        else:
+            from transformers import AutoModelForCausalLM
 
-        from qadapt.hf import default_device, plain_linear_classes, quiet_transformers
+            from qadapt.hf import default_device, plain_linear_classes, quiet_transformers
 
-        quiet_transformers()
-        with plain_linear_classes():
-            model, info = AutoModelForCausalLM.from_pretrained(path, device_map=default_device(),
-                                                               output_loading_info=True)
-        load_experts(model, path, info)
-        _keep_cpu_layout(model)
+            quiet_transformers()
+            with plain_linear_classes():
+                model, info = AutoModelForCausalLM.from_pretrained(path, device_map=default_device(),
+                                                                   output_loading_info=True, use_safetensors=True)
+            load_experts(model, path, info)
+            _keep_cpu_layout(model)
+        if options["bits"] == 4 and options["compute_dtype"] != "auto":
+            # a runtime option: the folder's compute dtype unless the caller chose another
+            for module in model.modules():
+                if isinstance(module, self.quantized_layer_types()):
+                    module.compute_dtype = getattr(torch, options["compute_dtype"])
         return model
 
     def save(self, model, path, options):
+        from qadapt.hf import saving_pre_quantized
+
         experts = quantized_experts(model)
-        if not experts:
-            model.save_pretrained(path, safe_serialization=True)
-            return
-        # the default save_original_format=True reverts transformers' MoE weight conversion, which fails on packed
-        # tensors ("Undefined Operation encountered!", transformers 5.23 core_model_loading.py)
-        model.save_pretrained(path, safe_serialization=True, save_original_format=False)
+        with saving_pre_quantized(model):
+            if not experts:
+                model.save_pretrained(path, safe_serialization=True)
+                return
+            # the default save_original_format=True reverts transformers' MoE weight conversion, which fails on packed
+            # tensors ("Undefined Operation encountered!", transformers 5.23 core_model_loading.py)
+            model.save_pretrained(path, safe_serialization=True, save_original_format=False)
         split_experts(path, experts)
 
     def requantize_parameters(self, module, weights):
@@ -533,6 +587,24 @@ def _block_absmax(state, device):
     nested = state.state2.absmax.float().to(device)
     group = torch.arange(state.absmax.numel(), device=device) // state.state2.blocksize
     return state.state2.code.float().to(device)[state.absmax.long()] * nested[group] + float(state.offset)
+
+
+def _stored_blocksizes(path):
+    """The 4-bit block sizes bitsandbytes wrote into the ``quant_state`` entries of the folder's safetensors files."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    sizes = set()
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(path, name), framework="pt") as handle:
+            for key in handle.keys():
+                if ".quant_state.bitsandbytes__" in key:
+                    sizes.add(json.loads(bytes(handle.get_tensor(key).tolist()).decode())["blocksize"])
+    return sizes
 
 
 def _keep_cpu_layout(model):

@@ -173,13 +173,18 @@ class EETQBackend(QuantBackend):
                 replace_module(model, name, EetqTorchLinear.from_linear(module, kernel=kernel))
         return to_default_device(model)
 
-    def is_quantized_checkpoint(self, path):
-        try:
-            with open(os.path.join(path, "config.json")) as handle:
-                config = json.load(handle)
-        except (OSError, ValueError):
-            return False
-        return config.get("quantization_config", {}).get("quant_method") == "eetq"
+    def folder_options(self, path):
+        """transformers' EETQ layout (``quant_method: eetq``, int8 weights): nothing to choose but the kernel."""
+        from qadapt.hf import folder_quantization_config
+
+        quant = folder_quantization_config(path) or {}
+        if quant.get("quant_method") != "eetq":
+            return None
+        if quant.get("weights", "int8") != "int8":
+            from qadapt.errors import IncompatibleError
+
+            raise IncompatibleError(f"load {path!r}", f"its EETQ weights are {quant['weights']!r}", "EETQ stores int8 only")
+        return {}
 
     def load(self, path, options):
         """Load a transformers EETQ checkpoint (``quant_method: eetq``): every ``nn.Linear`` not in

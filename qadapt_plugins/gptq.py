@@ -97,10 +97,20 @@ class GPTQBackend(common.PackedLayersBackend, QuantBackend):
     def load(self, path, options):
         return common.load_quantized(path, KERNELS[options["kernel"]], options["dtype"])
 
-    def is_quantized_checkpoint(self, path):
+    def folder_options(self, path):
+        """``quantization_config`` (transformers, gptqmodel) or ``quantize_config.json`` (AutoGPTQ, gptqmodel)."""
         qconfig = common.read_quantization_config(path)
-        return common.method_of(qconfig) == "gptq" or (qconfig is not None and common.method_of(qconfig) is None
-                                                        and "bits" in qconfig)
+        method = common.method_of(qconfig)
+        if not (method == "gptq" or (qconfig is not None and method is None and "bits" in qconfig)):
+            return None
+        packing = str(qconfig.get("checkpoint_format") or qconfig.get("format") or "gptq").lower()
+        if packing not in ("gptq", "gptq_v2"):
+            from qadapt.errors import IncompatibleError
+
+            raise IncompatibleError(f"load {path!r}", f"its GPTQ weights are packed as {packing!r}",
+                                    "qadapt's gptq backend reads the 'gptq' (and 'gptq_v2') packing")
+        return {"bits": qconfig["bits"], "group_size": qconfig.get("group_size", 128),
+                "desc_act": bool(qconfig.get("desc_act", False)), "sym": bool(qconfig.get("sym", True))}
 
     def quantized_layer_types(self):
         common.import_gptqmodel()

@@ -90,17 +90,18 @@ class HQQBackend(QuantBackend):
         return to_default_device(model)
 
     def _make(self, linear, quant_config, compute_dtype, device):
-        from hqq.core.quantize import HQQLinear
+        from ._hqq_layers import HQQLinear as AutocastSafeHQQLinear
 
         # del_orig frees the full-precision weight as each layer is quantized (an in-memory model is converted in place).
-        return HQQLinear(linear, quant_config=quant_config, compute_dtype=compute_dtype, device=device, del_orig=True)
+        return AutocastSafeHQQLinear(linear, quant_config=quant_config, compute_dtype=compute_dtype, device=device,
+                                     del_orig=True)
 
     def save(self, model, path, options):
         from safetensors.torch import save_file
 
         from hqq.core.quantize import HQQLinear
 
-        from qadapt.hf import save_conversions, unshared_state_dict
+        from qadapt.hf import mark_qadapt_only, save_conversions, unshared_state_dict
 
         layers = [name for name, module in model.named_modules() if isinstance(module, HQQLinear)]
         state = unshared_state_dict(model)  # tied embeddings: safetensors refuses tensors that share memory
@@ -109,23 +110,28 @@ class HQQBackend(QuantBackend):
         save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", "qadapt_backend": "hqq"})
         with open(os.path.join(path, LAYOUT_FILE), "w") as handle:
             json.dump({"layers": layers, "options": options}, handle, indent=2)
+        # HQQ's tensors (W_q, scale, zero) under names transformers does not know: it would load random weights
+        mark_qadapt_only(path, self.name, f"HQQ layers in qadapt's layout ({LAYOUT_FILE})")
 
     def load(self, path, options):
         from safetensors.torch import load_file
 
-        from hqq.core.quantize import HQQLinear
-
         from qadapt.hf import default_device, model_from_config, replace_module, to_default_device
+
+        from ._hqq_layers import HQQLinear as AutocastSafeHQQLinear
 
         with open(os.path.join(path, LAYOUT_FILE)) as handle:
             layout = json.load(handle)
-        options = {**options, **layout.get("options", {})}
-        model = model_from_config(path)
+        # what the layers are comes from the layout; how they run (compute_dtype) from the caller
+        runtime = {option.name for option in self.options if option.runtime}
+        options = {**options, **{k: v for k, v in layout.get("options", {}).items() if k not in runtime}}
+        model = model_from_config(path)  # the module layout it was saved from (split experts, Conv1D as nn.Linear)
         state = load_file(os.path.join(path, WEIGHTS_FILE))
         compute_dtype = _compute_dtype(options, model.dtype)
         device = default_device()
         for name in layout["layers"]:
-            layer = HQQLinear(None, quant_config=self._quant_config(options), compute_dtype=compute_dtype, device=device)
+            layer = AutocastSafeHQQLinear(None, quant_config=self._quant_config(options), compute_dtype=compute_dtype,
+                                          device=device)
             prefix = name + "."
             layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             replace_module(model, name, layer)
@@ -139,8 +145,22 @@ class HQQBackend(QuantBackend):
         # the HQQ layers are on the device already; embeddings, norms and head join them
         return to_default_device(model).eval()
 
-    def is_quantized_checkpoint(self, path):
-        return os.path.exists(os.path.join(path, LAYOUT_FILE))
+    def folder_options(self, path):
+        """qadapt's own layout (``hqq_layers.json``); transformers' ``HqqConfig`` folders are refused: transformers
+        5.23 cannot load them either ("QuantizationMethod.HQQ is not available yet")."""
+        from qadapt.errors import IncompatibleError
+        from qadapt.hf import folder_quantization_config, layout_options
+
+        options = layout_options(path, LAYOUT_FILE, self)
+        if options is not None:
+            return options
+        if str((folder_quantization_config(path) or {}).get("quant_method", "")).lower() == "hqq":
+            raise IncompatibleError(
+                f"load {path!r}", "its config.json holds transformers' HqqConfig layout (quant_method='hqq'), which "
+                "qadapt's hqq backend does not read (and transformers 5.23 cannot load: 'not available yet')",
+                "Quantize the full-precision model with qadapt.load(path, backend='hqq')",
+            )
+        return None
 
     def quantized_layer_types(self):
         from hqq.core.quantize import HQQLinear

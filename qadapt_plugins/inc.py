@@ -216,12 +216,17 @@ class INCBackend(QuantBackend):
             quantized = convert(prepare(model, self._config(options, kept=kept)))
         for _, layer in _inc_layers(quantized):
             layer._qadapt_scheme = "sym" if options["sym"] else "asym"
+        # INC's convert() sets is_quantized=True on the model (neural_compressor/torch/quantization/quantize.py:320,
+        # INC 3.10); transformers' Trainer then takes it for a model transformers quantized and reads its
+        # hf_quantizer, which it has not ("no attribute 'hf_quantizer'"). Without the attribute, PreTrainedModel's own
+        # is_quantized (hf_quantizer is not None) answers, as for a model loaded from a folder.
+        quantized.__dict__.pop("is_quantized", None)
         return quantized
 
     def save(self, model, path, options):
         from safetensors.torch import save_file
 
-        from qadapt.hf import save_conversions, unshared_state_dict
+        from qadapt.hf import mark_qadapt_only, save_conversions, unshared_state_dict
 
         layers = {name: _layer_spec(layer) for name, layer in _inc_layers(model)}
         state = unshared_state_dict(model)  # tied weights: safetensors refuses shared storage
@@ -231,6 +236,8 @@ class INCBackend(QuantBackend):
         with open(os.path.join(path, LAYOUT_FILE), "w") as handle:
             json.dump({"format_version": FORMAT_VERSION, "library_version": self.library_version(),
                        "options": options, "layers": layers}, handle, indent=2)
+        # packed qweight/qzeros/scales under names transformers does not know: it would load random weights
+        mark_qadapt_only(path, self.name, f"INC weight-only layers in qadapt's layout ({LAYOUT_FILE})")
 
     def load(self, path, options):
         from safetensors.torch import load_file
@@ -256,8 +263,11 @@ class INCBackend(QuantBackend):
             model.get_submodule(name)._qadapt_scheme = spec.get("scheme")
         return model.eval()
 
-    def is_quantized_checkpoint(self, path):
-        return os.path.exists(os.path.join(path, LAYOUT_FILE))
+    def folder_options(self, path):
+        """qadapt's own layout (``inc_layers.json``: the options and every layer's description)."""
+        from qadapt.hf import layout_options
+
+        return layout_options(path, LAYOUT_FILE, self)
 
     def quantized_layer_types(self):
         from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear

@@ -119,6 +119,37 @@ class TorchAOBackend(QuantBackend):
                 use_safetensors=True,
             )
 
+    def folder_options(self, path):
+        """transformers' ``TorchAoConfig`` serialization: ``quant_type`` is ``{"default": {"_type": "<Config class>",
+        "_data": {...}}}`` (transformers 5.x) or the older string form."""
+        from qadapt.errors import IncompatibleError
+        from qadapt.hf import folder_quantization_config
+
+        config = folder_quantization_config(path) or {}
+        if config.get("quant_method") != "torchao":
+            return None
+        quant_type = config.get("quant_type")
+        if isinstance(quant_type, dict):
+            if len(quant_type) > 1:
+                raise IncompatibleError(f"load {path!r}", f"it holds per-module torchao configs ({', '.join(sorted(quant_type))})",
+                                        "qadapt records one scheme per model; load it with transformers directly")
+            entry = quant_type.get("default") or next(iter(quant_type.values()), {})
+            kind, data = entry.get("_type"), entry.get("_data") or {}
+        else:
+            kind, data = quant_type, config.get("quant_type_kwargs") or {}
+        if kind in ("Int8WeightOnlyConfig", "int8_weight_only"):
+            granularity = (data.get("granularity") or {}).get("_type", "PerRow")
+            if granularity != "PerRow":
+                raise IncompatibleError(f"load {path!r}", f"its torchao int8 weights use {granularity} granularity",
+                                        "qadapt's torchao backend handles per-row int8 weights")
+            return {"scheme": "int8_weight_only"}
+        if kind in ("Int4WeightOnlyConfig", "int4_weight_only"):
+            return {"scheme": "int4_weight_only", "group_size": data.get("group_size", 128)}
+        raise IncompatibleError(
+            f"load {path!r}", f"its torchao scheme is {kind} (config.json quantization_config.quant_type)",
+            "qadapt's torchao backend offers int8_weight_only and int4_weight_only; load it with transformers directly",
+        )
+
     def load(self, path, options):
         from transformers import AutoModelForCausalLM
 
@@ -129,7 +160,10 @@ class TorchAOBackend(QuantBackend):
             return AutoModelForCausalLM.from_pretrained(path, device_map=default_device(), use_safetensors=True)
 
     def save(self, model, path, options):
-        model.save_pretrained(path, safe_serialization=True)
+        from qadapt.hf import saving_pre_quantized
+
+        with saving_pre_quantized(model):
+            model.save_pretrained(path, safe_serialization=True)
 
     def quantized_layer_types(self):
         # torchao keeps nn.Linear and swaps its weight for a tensor subclass: the layers are matched by weight type.

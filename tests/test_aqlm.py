@@ -165,7 +165,8 @@ def test_save_and_load_roundtrip(backend, quantized_2x8, tmp_path):
     assert {"model.layers.0.self_attn.q_proj.codes", "model.layers.0.self_attn.q_proj.codebooks",
             "model.layers.0.self_attn.q_proj.scales", "lm_head.weight"} <= keys
     assert not any(k.endswith(".weight") and "proj" in k for k in keys)
-    assert backend.is_quantized_checkpoint(str(tmp_path))
+    assert backend.folder_options(str(tmp_path)) == {"num_codebooks": 2, "nbits_per_codebook": 8, "in_group_size": 8,
+                                                    "skip_modules": ("lm_head",)}
     loaded = backend.load(str(tmp_path), {})
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, aqlm.QuantizedLinear)
     with torch.no_grad():

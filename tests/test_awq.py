@@ -105,7 +105,7 @@ def test_quantize_refuses_without_cuda_before_any_work(backend, batches):
 # ---------------------------------------------------------------------------------------------- CPU checkpoints
 def test_cpu_packed_checkpoint_loads_and_dequantizes_to_the_rtn_weights(backend, rtn):
     path, reference = rtn
-    assert backend.is_quantized_checkpoint(path) and not qadapt.get_backend("gptq").is_quantized_checkpoint(path)
+    assert backend.folder_options(path) is not None and qadapt.get_backend("gptq").folder_options(path) is None
     model = qadapt.load(path, "awq")
     layer = model.model.layers[0].mlp.gate_proj
     weight = reference.model.layers[0].mlp.gate_proj.weight.detach().float()

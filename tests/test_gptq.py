@@ -129,7 +129,7 @@ def test_save_and_load_round_trip_bit_for_bit(backend, quantized, batches, tmp_p
     model, _, options = quantized
     backend.save(model, str(tmp_path), options)
     assert {"config.json", "model.safetensors", "quantize_config.json"} <= set(os.listdir(tmp_path))
-    assert backend.is_quantized_checkpoint(str(tmp_path))
+    assert backend.folder_options(str(tmp_path)) == {"bits": 4, "group_size": 64, "desc_act": False, "sym": True}
     reloaded = qadapt.load(str(tmp_path), "gptq")  # qadapt sees a GPTQ checkpoint and loads it
     layers = [(name, module) for name, module in model.named_modules() if backend.is_quantized_layer(module)]
     again = dict((name, module) for name, module in reloaded.named_modules() if backend.is_quantized_layer(module))
@@ -141,17 +141,26 @@ def test_save_and_load_round_trip_bit_for_bit(backend, quantized, batches, tmp_p
         assert torch.equal(model(batches[0]).logits, reloaded(batches[0]).logits)
 
 
-def test_loads_act_order_checkpoint_written_by_gptqmodel_itself(backend, tiny_dir, batches, tmp_path):
+@pytest.fixture(scope="module")
+def gptqmodel_folder(tiny_dir, batches, tmp_path_factory):
+    """A 4-bit, group 32, act-order folder quantized and saved by gptqmodel itself."""
+    path = tmp_path_factory.mktemp("gptqmodel-act-order")
     gptqmodel = common.import_gptqmodel()
     with common.quiet():
         made = gptqmodel.GPTQModel.load(str(tiny_dir), gptqmodel.GPTQConfig(bits=4, group_size=32, desc_act=True,
                                         pack_impl="original"), device="cpu", dtype=torch.float16)
         with common.logs_elsewhere():
             made.quantize(common.calibration_dicts(batches))
-        made.save(str(tmp_path))
-        theirs = gptqmodel.GPTQModel.load(str(tmp_path), device="cpu", backend=gptqmodel.BACKEND.TORCH,
-                                                dtype=torch.float16).model
-    ours = qadapt.load(str(tmp_path), "gptq", dtype="float16")
+        made.save(str(path))
+    return str(path)
+
+
+def test_loads_act_order_checkpoint_written_by_gptqmodel_itself(backend, gptqmodel_folder, batches):
+    gptqmodel = common.import_gptqmodel()
+    with common.quiet():
+        theirs = gptqmodel.GPTQModel.load(gptqmodel_folder, device="cpu", backend=gptqmodel.BACKEND.TORCH,
+                                          dtype=torch.float16).model
+    ours = qadapt.load(gptqmodel_folder, "gptq", dtype="float16")
     layer = ours.model.layers[0].self_attn.q_proj
     assert not torch.equal(layer.g_idx.long(), torch.arange(layer.in_features) // 32)  # act-order permutes groups
     with torch.no_grad():
@@ -208,11 +217,59 @@ def test_gpu_train_on_the_torch_kernel_then_serve_on_marlin(backend, batches, tm
     train_then_serve_on_marlin("gptq", backend, batches, tmp_path, marlin_class_prefix="Marlin")
 
 
-def test_quantizing_writes_nothing_into_the_working_directory(batches, tmp_path, monkeypatch):
-    """gptqmodel writes ./logs/*.log per quantization; qadapt sends them to a temporary folder."""
+def test_quantizing_writes_nothing_into_the_working_directory_and_frees_the_quantizer(batches, tmp_path, monkeypatch):
+    """gptqmodel writes ./logs/*.log per quantization; qadapt sends them to a temporary folder. And its working model
+    (a second copy of the weights) outlived the quantization (gptqmodel 7.6): qadapt lets go of it."""
+    import gc
+
+    from gptqmodel.models.base import BaseQModel
+
     monkeypatch.chdir(tmp_path)
-    qadapt.load(toy.build_model(), "gptq", calibration=batches[:2], group_size=64)
+    model = qadapt.load(toy.build_model(), "gptq", calibration=batches[:2], group_size=64)
     assert list(tmp_path.iterdir()) == []
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, BaseQModel)]
+    assert model is not None
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+def test_a_gptqmodel_folder_loads_without_backend_with_the_options_it_holds(gptqmodel_folder):
+    from qadapt.record import get_record
+
+    record = get_record(qadapt.load(gptqmodel_folder, kernel="torch"))  # a runtime option may be chosen
+    assert record.backend == "gptq"
+    assert {k: record.options[k] for k in ("bits", "group_size", "desc_act", "sym")} == {
+        "bits": 4, "group_size": 32, "desc_act": True, "sym": True}
+    with pytest.raises(qadapt.InvalidOptionError, match="group_size=128 asked, 32 in the folder"):
+        qadapt.load(gptqmodel_folder, backend="gptq", group_size=128)
+    with pytest.raises(qadapt.InvalidOptionError, match="holds gptq weights"):
+        qadapt.load(gptqmodel_folder, backend="awq")
+
+
+def test_an_adapter_goes_only_onto_a_gptq_base_quantized_like_its_own(gptqmodel_folder, quantized, tmp_path):
+    from qadapt.record import ATTRIBUTE, Record, set_record
+
+    qadapt.save(qadapt.attach(qadapt.load(gptqmodel_folder), "lora", r=4), tmp_path / "g32")
+    model, _, options = quantized  # bits=4, group_size=64, no act-order
+    set_record(model, Record(backend="gptq", options=options, library_version=GPTQBackend().library_version()))
+    try:
+        with pytest.raises(qadapt.IncompatibleError, match="desc_act=True \\(adapter\\) vs False \\(base\\); "
+                                                           "group_size=32 \\(adapter\\) vs 64 \\(base\\)"):
+            qadapt.load_adapter(model, tmp_path / "g32" / "adapter")
+    finally:
+        del model.__dict__[ATTRIBUTE]
+
+
+def test_a_saved_gptq_base_carries_its_tokenizer_and_loads_in_gptqmodel(gptqmodel_folder, batches, tmp_path):
+    ours = qadapt.load(gptqmodel_folder, dtype="float16")
+    qadapt.save(ours, tmp_path / "out")  # the tokenizer gptqmodel wrote is found and copied
+    assert (tmp_path / "out" / "base" / "tokenizer.json").exists()
+    gptqmodel = common.import_gptqmodel()
+    with common.quiet():
+        theirs = gptqmodel.GPTQModel.load(str(tmp_path / "out" / "base"), device="cpu",
+                                          backend=gptqmodel.BACKEND.TORCH, dtype=torch.float16).model
+    with torch.no_grad():
+        assert torch.equal(theirs(batches[1]).logits, ours(batches[1]).logits)
 
 
 def test_moe_experts_split_by_gptqmodel_all_get_an_adapter(batches):

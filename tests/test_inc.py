@@ -122,8 +122,8 @@ def test_quantize_dequantize_requantize_save(options, max_weight_error, batches,
     with torch.no_grad():
         reference = model(ids).logits
     BACKEND.save(model, str(tmp_path), resolved)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "inc_layers.json", "model.safetensors"]
-    assert BACKEND.is_quantized_checkpoint(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "inc_layers.json", "model.safetensors"]
+    assert BACKEND.folder_options(str(tmp_path)) == resolved
     layout = json.loads((tmp_path / "inc_layers.json").read_text())
     assert layout["layers"][name]["bits"] == layer.bits
     loaded = BACKEND.load(str(tmp_path), resolved)
@@ -213,6 +213,53 @@ def test_peft_alone_cannot_wrap_inc_layers_for_these_methods(method):
     }[method]()
     with pytest.raises((ValueError, TypeError, NotImplementedError)):
         peft.get_peft_model(model, config)
+
+
+# ------------------------------------------------------------------------------------------------ round trips
+def test_trainer_runs_on_an_inc_model_quantized_in_this_process(batches, tmp_path):
+    import qadapt
+    from transformers import Trainer, TrainingArguments
+
+    # INC marks the model is_quantized=True; transformers' Trainer then asked it for an hf_quantizer it has not
+    model = qadapt.attach(qadapt.load(toy.build_model(), "inc"), "lora", r=4)
+    rows = [{"input_ids": row, "labels": row} for batch in batches for row in batch]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, bf16=True, save_strategy="no", dataloader_num_workers=0)
+    assert Trainer(model=model, args=args, train_dataset=rows).train().global_step == 2
+
+
+def test_an_inc_base_is_refused_by_plain_transformers_and_detected_by_qadapt(batches, tmp_path):
+    import qadapt
+    from transformers import AutoModelForCausalLM
+
+    from qadapt.record import get_record
+
+    model = qadapt.load(toy.build_model(), "inc", bits=8, group_size=32, sym=False)
+    qadapt.save(model, tmp_path / "out")
+    base = tmp_path / "out" / "base"
+    with pytest.raises(ValueError, match="no `quant_method`"):
+        AutoModelForCausalLM.from_pretrained(base)
+    assert (base / "generation_config.json").exists()
+    loaded = qadapt.load(base)
+    assert get_record(loaded).backend == "inc"
+    assert {k: get_record(loaded).options[k] for k in ("bits", "group_size", "sym")} == {"bits": 8, "group_size": 32,
+                                                                                         "sym": False}
+    with pytest.raises(qadapt.InvalidOptionError, match="bits=4 asked, 8 in the folder"):
+        qadapt.load(base, bits=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(batches[0]).logits, model(batches[0]).logits)
+
+
+def test_the_weight_inc_caches_after_a_forward_is_counted_as_memory(batches):
+    from qadapt.memory import storage_bytes
+
+    model, _ = quantized()
+    packed = storage_bytes(model)
+    with torch.no_grad():
+        model(batches[0])  # INC's CPU forward keeps each layer's de-quantized float32 weight as layer.weight
+    cached = sum(layer.weight.numel() * layer.weight.element_size() for _, layer in inc._inc_layers(model))
+    # (the forward also turns INC's float16 bias buffers into float32 ones: a few bytes more)
+    assert cached > packed and packed + cached <= storage_bytes(model) < packed + cached + packed // 10
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2-moe"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -154,9 +155,9 @@ def test_a_plugin_that_fails_to_import_is_reported_and_harms_nothing(tmp_path):
     assert "plugin 'broken' failed to import" in result.stderr
 
 
-def test_the_example_third_party_plugin_is_found_listed_and_usable(tiny_dir):
+def test_the_example_third_party_plugin_is_found_listed_and_usable(tiny_dir, tmp_path):
     """examples/qadapt-rowwise-int8 is its own distribution; nox installs it. Here: found via its entry point,
-    listed, and it passes the conformance kit."""
+    listed, it passes the conformance kit, and its folders are its own (detected by it, refused by transformers)."""
     from importlib.metadata import entry_points
 
     if "rowwise-int8" not in {ep.name for ep in entry_points(group="qadapt")}:
@@ -170,6 +171,14 @@ def test_the_example_third_party_plugin_is_found_listed_and_usable(tiny_dir):
     assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
     model = qadapt.load(tiny_dir, backend="rowwise-int8")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "RowwiseInt8Linear"
+    from transformers import AutoModelForCausalLM
+
+    from qadapt.record import get_record
+
+    base = os.path.join(qadapt.save(model, tmp_path / "out"), "base")
+    assert get_record(qadapt.load(base)).backend == "rowwise-int8"  # its own folder_options claimed the folder
+    with pytest.raises(ValueError, match="quant_method"):
+        AutoModelForCausalLM.from_pretrained(base)
 
 
 def test_every_hook_is_documented_under_its_signature():

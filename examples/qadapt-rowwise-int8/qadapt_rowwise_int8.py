@@ -13,7 +13,7 @@ import torch
 
 import qadapt
 from qadapt.capabilities import declare, yes
-from qadapt.hf import replace_module
+from qadapt.hf import load_config, mark_qadapt_only, replace_module
 
 
 class RowwiseInt8Linear(torch.nn.Linear):
@@ -72,8 +72,9 @@ class RowwiseInt8Backend(qadapt.QuantBackend):
                 replace_module(model, name, RowwiseInt8Linear.from_weight(module.weight, module.bias))
         return model
 
-    def is_quantized_checkpoint(self, path):
-        return os.path.exists(os.path.join(path, "rowwise_int8.json"))
+    def folder_options(self, path):
+        # this backend's own layout file says the folder is its format; the format has no options
+        return {} if os.path.exists(os.path.join(path, "rowwise_int8.json")) else None
 
     def save(self, model, path, options):
         from safetensors.torch import save_model
@@ -83,14 +84,16 @@ class RowwiseInt8Backend(qadapt.QuantBackend):
         save_model(model, os.path.join(path, "model.safetensors"))
         with open(os.path.join(path, "rowwise_int8.json"), "w") as handle:
             json.dump({"layers": layers}, handle)
+        # plain transformers would load qweight/scale as missing weights, i.e. random ones: make it refuse instead
+        mark_qadapt_only(path, self.name, "int8 weights with per-row scales (rowwise_int8.json)")
 
     def load(self, path, options):
         from safetensors.torch import load_model
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         with open(os.path.join(path, "rowwise_int8.json")) as handle:
             layers = json.load(handle)["layers"]
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        model = AutoModelForCausalLM.from_config(load_config(path))
         for name in layers:
             module = model.get_submodule(name)
             replace_module(model, name, RowwiseInt8Linear(module.in_features, module.out_features,

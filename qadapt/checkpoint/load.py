@@ -1,4 +1,4 @@
-"""``qadapt.load`` of a checkpoint folder: verify it, load the base with its backend, put the adapter back."""
+"""``qadapt.load`` of a checkpoint folder: verify it, load the base with its backend, put every adapter back."""
 
 from __future__ import annotations
 
@@ -6,19 +6,24 @@ import os
 import warnings
 
 from .. import scope
-from ..errors import CheckpointError, QadaptError
+from ..errors import CheckpointError, InvalidOptionError, QadaptError
 from ..plugins import ready_backend
 from ..record import Record, set_record
-from .adapter import load_adapter
+from .adapter import adapter_index, load_saved_adapters
 from .files import recover_for_load
 from .manifest import check_loaded_layers, read_manifest
 
 
-def load(path: str):
+def load(path: str, *, trainable: bool = False):
     from ..unquantized import UNQUANTIZED
 
     recover_for_load(path)  # a killed overwrite may have left the old folder only as its backup
     manifest = read_manifest(path)
+    index, active = adapter_index(manifest)
+    if trainable and not index:
+        merged = " (its adapter was merged into its base)" if manifest.get("merged") else ""
+        raise InvalidOptionError(f"load {path!r} with trainable=True", f"the checkpoint holds no adapter{merged}",
+                                 "Load it without trainable=, then attach a new adapter with qadapt.attach")
     backend_info = manifest["backend"]
     name = backend_info.get("name")
     backend = UNQUANTIZED if name is None else ready_backend(name, f"load {path!r}")
@@ -28,8 +33,9 @@ def load(path: str):
         if backend_info.get("library_version") and installed != backend_info["library_version"]:
             warnings.warn(f"{path!r} was saved with {backend.distribution} {backend_info['library_version']}; "
                           f"{installed} is installed", stacklevel=3)
+    base = os.path.join(path, "base")
     try:
-        model = backend.load(os.path.join(path, "base"), options)
+        model = backend.load(base, options)
     except QadaptError:
         raise
     except Exception as exc:
@@ -38,12 +44,12 @@ def load(path: str):
     check_loaded_layers(manifest, model, backend, path)
     allow = tuple(backend_info.get("allow_unquantized") or ())
     record = Record(backend=name, options=options, library_version=backend_info.get("library_version"),
-                    merged_when_saved=manifest.get("merged"), allow_unquantized=allow)
+                    merged_when_saved=manifest.get("merged"), allow_unquantized=allow, source=os.path.abspath(base))
     set_record(model, record)
     scope.record_report(model, scope.report(model, backend, options, allow=allow, from_checkpoint=True,
                                             asked=f"load {path!r}"))
-    if manifest.get("adapter"):
-        return load_adapter(model, os.path.join(path, "adapter"), strict=True)
+    if index:
+        return load_saved_adapters(model, path, index, active, strict=True, is_trainable=trainable)
     return model
 
 

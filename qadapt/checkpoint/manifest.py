@@ -254,6 +254,22 @@ def schema_problems(manifest) -> list[str]:
             problems.append(f"'adapter' is neither null nor an object with a 'method' of {', '.join(METHODS)}")
         elif not (isinstance(adapter.get("name"), str) and ADAPTER_NAME.fullmatch(adapter["name"])):
             problems.append("'adapter.name' is not a plain adapter name")
+    index = manifest.get("adapters")
+    if index is not None:
+        if not isinstance(index, dict):
+            problems.append("'adapters' is neither null nor an object")
+        else:
+            for name, entry in index.items():
+                if not ADAPTER_NAME.fullmatch(name) or not isinstance(entry, dict) \
+                        or entry.get("method") not in METHODS or entry.get("dir") not in ("adapter", f"adapter/{name}"):
+                    problems.append(f"'adapters' entry {name!r} is not a plain name with a known 'method' and the "
+                                    f"'dir' adapter or adapter/{name}")
+                    break
+            active = adapter.get("name") if isinstance(adapter, dict) else None
+            if index and active not in index:
+                problems.append("'adapter' (the active one) is not among 'adapters'")
+    if not _is_optional_str(manifest.get("tokenizer")):
+        problems.append("'tokenizer' is neither a string nor null")
     merged = manifest.get("merged")
     if merged is not None:
         if not isinstance(merged, dict) or merged.get("strategy") not in MERGE_STRATEGIES \

@@ -20,7 +20,7 @@ def add_parser(commands) -> None:
 def describe_folder(folder: str, load: bool = True) -> dict:
     """The findings ``qadapt inspect`` prints, as a dict."""
     from qadapt.checkpoint import is_checkpoint, read_manifest
-    from qadapt.errors import CheckpointError
+    from qadapt.errors import CheckpointError, QadaptError
 
     if not os.path.isdir(folder):
         raise CheckpointError(f"inspect {folder!r}", "no such folder", "Pass a checkpoint or a transformers folder")
@@ -28,6 +28,7 @@ def describe_folder(folder: str, load: bool = True) -> dict:
     if is_checkpoint(folder):
         manifest = read_manifest(folder)
         found.update(kind="qadapt checkpoint", backend=manifest["backend"], adapter=manifest.get("adapter"),
+                     adapters=manifest.get("adapters"), tokenizer=manifest.get("tokenizer"),
                      merged=manifest.get("merged"), qadapt_version=manifest.get("qadapt_version"),
                      files=len(manifest.get("files", {})))
         provenance = os.path.join(folder, "adapter", "qadapt_adapter.json")
@@ -42,6 +43,15 @@ def describe_folder(folder: str, load: bool = True) -> dict:
                      quantization=quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else None)
         if os.path.exists(os.path.join(folder, "adapter_config.json")):
             found["kind"] = "PEFT adapter folder"
+        else:
+            from qadapt.folders import detect
+
+            try:
+                claim = detect(folder)  # the backend whose format it is, as qadapt.load sees it
+            except QadaptError as refusal:
+                found["note"], claim = str(refusal), None
+            if claim is not None:
+                found["backend"] = {"name": claim.backend.name, "options": claim.options}
     if load and found["kind"] != "PEFT adapter folder":
         found.update(_loaded(folder, found))
     return found
@@ -64,10 +74,10 @@ def _loaded(folder: str, found: dict) -> dict:
     from qadapt.plugins import backend_of
     from qadapt.record import base_model, get_record
 
-    if found["kind"] == "qadapt checkpoint":
+    if found["kind"] == "qadapt checkpoint" or found.get("backend"):
         model = qadapt.load(folder)
-    elif found.get("quantization"):
-        return {"loaded": False, "note": "a quantized transformers folder: load it with qadapt.load(folder, backend=...)"}
+    elif found.get("quantization") or found.get("note"):
+        return {"loaded": False}  # quantized in a format no registered backend reads (the note says why)
     else:
         from qadapt.hf import load_full_precision
 

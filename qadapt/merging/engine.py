@@ -44,13 +44,18 @@ class Built:
 
 
 def tuner_layers(inner, adapter_name):
-    """``(name, layer)`` of every PEFT tuner layer of ``inner`` on which ``adapter_name`` is active."""
+    """``(name, layer)`` of every PEFT tuner layer of ``inner`` that holds ``adapter_name``, active. A layer that only
+    lists it as active (PEFT sets the active adapter on every layer, holding it or not) is not one: merging it would
+    read weights it does not have."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..adapters import holds
 
     return [
         (name, module)
         for name, module in inner.named_modules()
         if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "active_adapters", [])
+        and holds(module, adapter_name)
     ]
 
 
@@ -278,6 +283,11 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
     inner = base_model(model)
     batch = measure_batch(inner, calibration)
     layers = tuner_layers(inner, record.adapter_name)
+    if not layers:
+        from ..errors import InvalidOptionError
+
+        raise InvalidOptionError(f"merge adapter {record.adapter_name!r}", "the active adapter has no layers in the model "
+                                 "(nothing would be merged)", "Activate an adapter that has layers: model.set_adapter(name)")
     plan = candidates(backend, strategy, policy, calibration is not None)
     with torch.no_grad(), progress.step(f"merge {record.method!r} ({strategy})", total=len(plan) * len(layers)) as steps:
         reference, hessians = reference_outputs(model, layers, batch, any(c.with_inputs for c in plan))

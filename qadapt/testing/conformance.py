@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 import traceback
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -236,11 +237,18 @@ def _check_save(cells, model, batch, reference) -> None:
         if not cells.declared("save"):
             return cells.record("save", _expect_refusal(lambda: api.save(model, path)))
         try:
-            api.save(model, path)
-            reloaded = api.load(path)
-            reloaded.eval()
-            error = _rel(_outputs(reloaded, batch), reference)
-            cells.record("save", "passed" if error < 1e-5 else "failed", f"reload output error {error:.3g}")
+            with warnings.catch_warnings():  # the kit checks weights; its toy models come from no folder
+                warnings.filterwarnings("ignore", message=r"qadapt\.save\(.*no tokenizer was passed")
+                api.save(model, path)
+                reloaded = api.load(path)
+                reloaded.eval()
+                error = _rel(_outputs(reloaded, batch), reference)
+                detail = f"reload output error {error:.3g}"
+                if cells.method == "lora":  # a reloaded model saves again (transformers 5.x: NotImplementedError)
+                    api.save(reloaded, os.path.join(tmp, "again"))
+                    again = _rel(_outputs(api.load(os.path.join(tmp, "again")), batch), reference)
+                    error, detail = max(error, again), f"{detail}, after saving the reloaded model again {again:.3g}"
+            cells.record("save", "passed" if error < 1e-5 else "failed", detail)
         except Exception as exc:
             cells.record("save", "failed", _describe(exc))
 
