@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import adapters, checkpoint, progress, proxy, quiet
+from . import adapters, checkpoint, placement, progress, proxy, quiet
 from .capabilities import MERGE_STRATEGIES, METHODS
 from .errors import IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
@@ -17,7 +17,8 @@ quiet_libraries()  # the known harmless messages of the backend libraries (QADAP
 
 
 # ---------------------------------------------------------------------------------------------------------- load
-def load(model: Any, backend: str | None = None, *, calibration: Any = None, tokenizer: Any = None, **options):
+def load(model: Any, backend: str | None = None, *, calibration: Any = None, tokenizer: Any = None,
+         device_map: Any = None, max_memory: Any = None, cpu_offload: bool = False, **options):
     """Load or quantize a causal LM with ``backend``; or restore a folder written by :func:`save`.
 
     :param model: a ``PreTrainedModel`` in full precision, a path to a transformers folder (full precision, or already
@@ -25,6 +26,12 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
     :param backend: the backend's name (``qadapt backends`` lists them).
     :param calibration: for backends that need it: a list of texts (with ``tokenizer``) or of token-id tensors.
     :param options: the backend's options (``qadapt backends --json`` lists them), checked before any work.
+    :param device_map: transformers' ``device_map`` (``"auto"``, ``"cuda:1"``, or module -> device), for backends
+        that honour it (:meth:`~qadapt.QuantBackend.placement`); refused with the reason by the others. Default: the
+        whole model on this process's GPU (``cuda:LOCAL_RANK`` under a launcher), else the CPU.
+    :param max_memory: transformers' ``max_memory`` per device (implies ``device_map="auto"``).
+    :param cpu_offload: let the map put modules on the CPU, where they stay in full precision (bitsandbytes'
+        ``llm_int8_enable_fp32_cpu_offload``); :func:`qadapt.placement.placement_of` lists them.
 
     Backends built on transformers' loaders (bnb, torchao, gptq, awq) quantize a copy; backends that replace layers
     one by one (hqq, inc, aqlm, eetq) convert an in-memory model in place. Pass a path to keep the original.
@@ -32,7 +39,7 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if isinstance(model, str) and checkpoint.is_checkpoint(model):
-        if backend is not None or options:
+        if backend is not None or options or device_map is not None or max_memory is not None or cpu_offload:
             raise InvalidOptionError(
                 f"load {model!r} with backend={backend!r}",
                 "this is a qadapt checkpoint: it records its own backend and options",
@@ -48,24 +55,30 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         )
     quant = ready_backend(backend, f"load with backend '{backend}'")
     resolved = quant.validate_options(options)
+    asked = f"load with backend '{backend}'"
+    where = placement.check(quant, resolved, asked, device_map=device_map, max_memory=max_memory,
+                            cpu_offload=cpu_offload)
     if isinstance(model, str) and not os.path.isdir(model):
         raise InvalidOptionError(
             f"load {model!r}", "no such folder (qadapt never downloads models)", "Pass a local folder or a PreTrainedModel"
         )
-    if isinstance(model, str) and quant.is_quantized_checkpoint(model):
-        with progress.step(f"load {model!r} with {backend}", heartbeat=True):
-            loaded = quant.load(model, resolved)
-    else:
-        batches = _calibration_batches(calibration, tokenizer)
-        if quant.needs_calibration(resolved) and not batches:
-            raise InvalidOptionError(
-                f"quantize with backend '{backend}'",
-                f"'{backend}' needs calibration data",
-                "Pass calibration=[texts...] with tokenizer=..., or a list of token-id tensors",
-            )
-        with progress.step(f"quantize with {backend}" + (" (calibrating)" if batches else ""), heartbeat=True):
-            loaded = quant.quantize(model, resolved, calibration=batches)
-    set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version()))
+    with placement.applied(where, asked):
+        if isinstance(model, str) and quant.is_quantized_checkpoint(model):
+            with progress.step(f"load {model!r} with {backend}", heartbeat=True):
+                loaded = quant.load(model, resolved)
+        else:
+            batches = _calibration_batches(calibration, tokenizer)
+            if quant.needs_calibration(resolved) and not batches:
+                raise InvalidOptionError(
+                    f"quantize with backend '{backend}'",
+                    f"'{backend}' needs calibration data",
+                    "Pass calibration=[texts...] with tokenizer=..., or a list of token-id tensors",
+                )
+            with progress.step(f"quantize with {backend}" + (" (calibrating)" if batches else ""), heartbeat=True):
+                loaded = quant.quantize(model, resolved, calibration=batches)
+    placed = placement.verify(loaded, quant, where, asked)
+    set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version(),
+                              source=os.path.abspath(model) if isinstance(model, str) else None, placement=placed))
     return loaded
 
 

@@ -29,7 +29,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .capabilities import METHODS, OPERATIONS, Support, Table
+from .capabilities import METHODS, OPERATIONS, Support, Table, no
 from .errors import InvalidOptionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +71,29 @@ class Option:
 
     def _choices_hint(self) -> str:
         return f"Choose one of {', '.join(map(repr, self.choices))}" if self.choices else self.help
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What one of a backend's quantized layers costs in memory, for :func:`qadapt.memory_model.predict` (``qadapt
+    plan``). Every figure is per weight of the layer (``in_features x out_features``) unless it says otherwise."""
+
+    #: bits per weight of the quantized payload: the tensor a distributed engine shards
+    payload_bits: float
+    #: bits per weight of the quantization state held beside the payload (bitsandbytes' ``quant_state``, HQQ's
+    #: ``meta``): every rank keeps it whole under FSDP2
+    state_bits: float = 0.0
+    #: bytes per output row of state (row scales: LLM.int8's SCB, torchao int8's scale), kept whole on every rank
+    row_bytes: float = 0.0
+    #: activations the layers keep for the backward beyond a plain ``nn.Linear``'s, per token and decoder layer:
+    #: (copies of a hidden-size vector, copies of an intermediate-size vector), in the compute dtype
+    saved_inputs: tuple[float, float] = (0.0, 0.0)
+    #: the layer keeps its de-quantized weight for the backward (torchao's int8 linear)
+    saves_dequantized_weight: bool = False
+
+
+#: ``qadapt.load`` keywords that place a model the way transformers' ``from_pretrained`` does
+PLACEMENTS = ("device_map", "max_memory", "cpu_offload")
 
 
 @dataclass
@@ -278,6 +301,46 @@ class QuantBackend(abc.ABC):
         inputs, or None)."""
         raise NotImplementedError(f"backend '{self.name}' cannot re-quantize")
 
+    # ----------------------------------------------------------------- placement and sharding
+    def placement(self, options: dict[str, Any]) -> dict[str, Support]:
+        """Which of :data:`PLACEMENTS` (``qadapt.load(..., device_map=, max_memory=, cpu_offload=)``) this backend
+        honours with ``options``; a backend that honours one reads it from :func:`qadapt.hf.placement`, which
+        ``qadapt.load`` sets. Default: none (the whole model goes to :func:`qadapt.hf.default_device`)."""
+        refusal = no(f"backend '{self.name}' places the whole model on one device (qadapt.hf.default_device())",
+                     "Leave the placement keywords out, or use a backend whose loader takes a device map "
+                     "(`qadapt backends --json` lists what each honours)")
+        return {placement: refusal for placement in PLACEMENTS}
+
+    def sharded_parameters(self, module: "torch.nn.Module") -> tuple[str, ...]:
+        """Names of the parameters of one quantized layer that hold its quantized payload: the tensors a distributed
+        engine shards, which :mod:`qadapt.distributed` checks after sharding (same bytes, this rank's share only).
+        Default: ``("weight",)``."""
+        return ("weight",)
+
+    def quant_state_tensors(self, module: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+        """The tensors besides the payload that one quantized layer's forward reads (scales, code tables), by name:
+        the state that must survive sharding unchanged (FSDP2 keeps it whole on every rank). Default: none (tensor
+        subclasses carry theirs inside the payload)."""
+        return {}
+
+    def empty_layer(self, linear: "torch.nn.Module", options: dict[str, Any], dtype: "torch.dtype") -> "torch.nn.Module":
+        """A quantized layer for the ``nn.Linear`` ``linear`` (on the meta device) whose :meth:`sharded_parameters`
+        are on the meta device in their packed shape: ``qadapt.distributed.load_sharded`` builds the model from these,
+        shards it, then fills each rank's share with :meth:`fill_layer`. Optional: without it a backend loads whole
+        (``qadapt.load``) before sharding."""
+        raise NotImplementedError(f"backend '{self.name}' cannot build empty layers to load into shards")
+
+    def fill_layer(self, layer: "torch.nn.Module", weight: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+        """Quantize the full-precision ``weight`` (out, in) for ``layer`` (made by :meth:`empty_layer`): set its
+        quantization state on ``layer`` and return the full payload by parameter name, exactly the bytes
+        :meth:`quantize` would give this weight (every rank quantizes the whole tensor and keeps its share)."""
+        raise NotImplementedError(f"backend '{self.name}' cannot build empty layers to load into shards")
+
+    def memory_profile(self, options: dict[str, Any], dtype_bytes: int) -> MemoryProfile | None:
+        """The memory cost of this backend's layers with ``options`` in a model of ``dtype_bytes`` per element (for
+        ``qadapt plan``), or None where it is not known. Default: None."""
+        return None
+
     def peft_layer_types(self) -> dict[type, Any]:
         """Extra ``{quantized layer class: LoRA layer factory}`` for layers PEFT does not know (see PEFT's
         ``LoraConfig._register_custom_module`` and :func:`qadapt.peft_layers.requantizing_lora_layer`). Default:
@@ -332,6 +395,8 @@ def contract_problems(backend: QuantBackend) -> list[str]:
         for member in members:
             if says[operation] and not _overrides(backend, member):
                 problems.append(f"declares '{operation}' but does not implement {member}()")
+    if _overrides(backend, "empty_layer") != _overrides(backend, "fill_layer"):
+        problems.append("implements only one of empty_layer() and fill_layer(): loading into shards needs both")
     if backend.proxy_methods and not _overrides(backend, "dequantize"):
         problems.append("declares proxy_methods but does not implement dequantize() (the proxy reads the weight)")
     keywords = inspect.signature(backend.requantize).parameters

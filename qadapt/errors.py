@@ -60,3 +60,8 @@ class MergeRefusedError(QadaptError):
 
 class CheckpointError(QadaptError):
     """A saved folder is missing a file, holds a corrupt one, or would overwrite user files."""
+
+
+class ShardingError(QadaptError):
+    """A model cannot be sharded as asked, or its quantized state did not survive sharding (then training is refused
+    before its first step)."""

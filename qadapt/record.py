@@ -17,6 +17,9 @@ class Record:
     adapter_name: str = "default"
     merge: Any = None  # a qadapt.merging.MergeState while merged
     merged_when_saved: Any = None  # for a model loaded from a merged checkpoint: its manifest's "merged" entry
+    source: str | None = None  # the folder the base was quantized or loaded from (a sharded run saves a reference to it)
+    sharded: str | None = None  # the engine that shards the model (qadapt.distributed), None in one piece
+    placement: Any = None  # what qadapt.load(device_map=...) placed where (qadapt.placement.placement_of)
 
     def describe(self) -> dict:
         return {"backend": self.backend, "options": self.options, "library_version": self.library_version}

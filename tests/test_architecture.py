@@ -18,8 +18,9 @@ CORE = ROOT / "qadapt"
 TIERS = [
     ("command line", ["qadapt.cli", "qadapt.__main__"]),
     ("conformance kit", ["qadapt.testing"]),
-    ("user API", ["qadapt", "qadapt.api"]),
-    ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.merging", "qadapt.proxy", "qadapt.memory"]),
+    ("user API", ["qadapt", "qadapt.api", "qadapt.distributed"]),
+    ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.merging", "qadapt.proxy", "qadapt.memory",
+                       "qadapt.placement", "qadapt.memory_model"]),
     ("plugin system", ["qadapt.plugins", "qadapt.hookspecs", "qadapt.backend", "qadapt.unquantized",
                        "qadapt.capabilities", "qadapt.record"]),
     ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.peft_layers", "qadapt.merging.requant", "qadapt._version",

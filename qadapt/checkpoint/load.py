@@ -10,6 +10,7 @@ from ..plugins import ready_backend
 from ..record import Record, set_record
 from .adapter import load_adapter
 from .manifest import read_manifest
+from .source import load_source
 
 
 def load(path: str):
@@ -26,14 +27,18 @@ def load(path: str):
             warnings.warn(f"{path!r} was saved with {backend.distribution} {backend_info['library_version']}; "
                           f"{installed} is installed", stacklevel=3)
     try:
-        model = backend.load(os.path.join(path, "base"), options)
+        if manifest.get("base_source"):  # saved by a sharded run: the base is the folder it was quantized from
+            model = load_source(path, manifest["base_source"], backend, options)
+        else:
+            model = backend.load(os.path.join(path, "base"), options)
     except QadaptError:
         raise
     except Exception as exc:
         raise CheckpointError(f"load {path!r}", f"backend '{backend.name}' could not read base/ ({type(exc).__name__}: {exc})",
                               "Check that the backend's library version matches the one in qadapt.json") from exc
     record = Record(backend=name, options=options, library_version=backend_info.get("library_version"),
-                    merged_when_saved=manifest.get("merged"))
+                    merged_when_saved=manifest.get("merged"),
+                    source=(manifest.get("base_source") or {}).get("path"))
     set_record(model, record)
     if manifest.get("adapter"):
         return load_adapter(model, os.path.join(path, "adapter"), strict=True)

@@ -18,6 +18,9 @@ def save(model, path: str, *, overwrite: bool = False) -> str:
     from .._version import __version__
 
     record = get_record(model)
+    if record.sharded is not None:
+        raise CheckpointError(f"save to {path!r}", f"the model is sharded by {record.sharded}: each rank holds a "
+                              "share of it", "Use qadapt.distributed.save (collective: it writes once, on rank 0)")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
         raise CheckpointError(
             f"save to {path!r}", "the path exists and is not empty; qadapt does not overwrite files unasked",

@@ -11,7 +11,7 @@ import os
 import sys
 
 #: the verbs, in the order ``qadapt --help`` lists them
-VERBS = ("quantize", "inspect", "merge", "export", "backends", "matrix", "doctor", "demo")
+VERBS = ("quantize", "inspect", "merge", "export", "plan", "backends", "matrix", "doctor", "demo")
 
 DESCRIPTION = """Quantize a causal LM with any backend, train PEFT adapters on it, merge and ship it.
 

@@ -28,6 +28,9 @@ def backend_rows(check: bool = True) -> list[dict]:
             "library_version": backend.library_version(),
             "options": {o.name: {"default": o.default, "choices": list(o.choices) if o.choices else None, "help": o.help}
                         for o in backend.options},
+            # qadapt.load(device_map=, max_memory=, cpu_offload=), with the default options
+            "placement": {name: {"supported": cell.supported, "reason": cell.reason}
+                          for name, cell in backend.placement(backend.validate_options({})).items()},
         }
         if check:
             env = backend.check_environment()
