@@ -146,7 +146,7 @@ def check_marlin_options(backend: str, options) -> None:
 NOT_SHARDED = {
     engine: no("gptqmodel keeps qweight, qzeros, scales and g_idx as buffers (register_buffer), which FSDP2 and "
                "ZeRO-3 do not shard: every rank would hold the whole model; not verified under either engine",
-               "Train sharded with bnb bits=4, or hqq under FSDP2")
+               "Train sharded with bnb bits=4 or hqq")
     for engine in ("fsdp2", "zero3")
 }
 

@@ -198,19 +198,22 @@ def test_mixed_precision_that_casts_packed_bytes_is_refused_before_sharding(bnb_
 
 
 def test_the_payload_check_catches_an_engine_that_changes_the_bytes(bnb_lora):
-    """What the check is for: the same cast let through (as accelerate's mixed precision would do) is caught after
-    sharding, before training: every payload gathered differs from the one before."""
+    """What the checks are for: the same cast let through (accelerate's mixed precision does it) is caught after
+    sharding, before training: from the units' policy, and in the gathered bytes of every layer."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from qadapt.distributed import fsdp2
-    from qadapt.distributed.layers import snapshot
+    from qadapt.distributed import fsdp2, sharding
+    from qadapt.distributed.layers import ShardReport, snapshot
 
     with qd.one_process_group():
         before = snapshot(bnb_lora, qadapt.get_backend("bnb"))
         fsdp2.wrap(bnb_lora, mixed_precision=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-        with pytest.raises(ShardingError, match="differs from the one before sharding"):
-            qd.verify(bnb_lora, before=before)
+        with pytest.raises(ShardingError, match="casts it to torch.bfloat16 in every all-gather"):
+            qd.verify(bnb_lora)  # a model sharded elsewhere: the policy itself is read
+        report = ShardReport(engine="fsdp2", world_size=1)  # and the gathered bytes, compared with those before
+        sharding._compare_payloads(bnb_lora, qadapt.get_backend("bnb"), "fsdp2", before, report)
+        assert len(report.problems) == 14 and "differs from the one before sharding" in report.problems[0]
 
 
 def test_a_model_each_rank_holds_whole_is_refused(bnb_lora):

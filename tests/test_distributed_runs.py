@@ -54,10 +54,11 @@ def test_torchrun_example_trains_like_one_process_and_saves_once(tiny_dir, tmp_p
     assert qadapt.get_backend(backend).is_quantized_layer(reloaded.get_base_model().model.layers[0].mlp.up_proj.base_layer)
 
 
-def test_zero3_trains_like_fsdp2(tiny_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["bnb", "hqq"])
+def test_zero3_trains_like_fsdp2(tiny_dir, tmp_path, backend):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (the `deepspeed` extra of qadapt-lm)")
-    backend_ready("bnb")
-    common = ["--model", str(tiny_dir), "--backend", "bnb", "--steps", "3", "--seq", "32", "--lr", "1e-2"]
+    backend_ready(backend)
+    common = ["--model", str(tiny_dir), "--backend", backend, "--steps", "3", "--seq", "32", "--lr", "1e-2"]
     zero3 = summary(torchrun(EXAMPLE, *common, "--engine", "zero3", "--out", str(tmp_path / "z3")))
     fsdp2 = summary(torchrun(EXAMPLE, *common, "--out", str(tmp_path / "f2")))
     assert max(abs(a - b) for a, b in zip(zero3["losses"], fsdp2["losses"])) < 1e-5

@@ -69,6 +69,33 @@ def wrap(model, *, mesh=None, mixed_precision=None, offload: bool = False, resha
     return model
 
 
+def cast_by_policy(model, backend) -> list[str]:
+    """The payload parameters a unit's ``MixedPrecisionPolicy`` will cast in every all-gather (a model sharded
+    elsewhere, e.g. by accelerate with ``mixed_precision``): found without communication, before the first step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from .layers import quantized_layers
+
+    payloads = {id(getattr(module, name)): f"{layer}.{name}" for layer, module in quantized_layers(model, backend).items()
+                for name in backend.sharded_parameters(module)}
+    found = []
+    for unit in model.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        state = unit._get_fsdp_state()
+        # torch 2.13 keeps a list of parameter groups per unit; earlier versions one (private either way)
+        groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+        for group in filter(None, groups):
+            wanted = group.mp_policy.param_dtype
+            for fsdp_param in group.fsdp_params if wanted is not None else ():
+                stored = fsdp_param.sharded_param.dtype
+                name = payloads.get(id(fsdp_param.sharded_param))
+                if name and stored.is_floating_point and stored != wanted:
+                    found.append(f"{name}: stored as {stored}, the unit's MixedPrecisionPolicy casts it to {wanted} "
+                                 "in every all-gather")
+    return found
+
+
 def gathered_fingerprints(model, backend) -> dict[tuple[str, str], int]:
     """Collective. ``{(layer, parameter): fingerprint}`` of every quantized payload as the forward sees it: each FSDP
     unit is all-gathered in turn (peak: one unit), its layers' payloads fingerprinted, and resharded."""

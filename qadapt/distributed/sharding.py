@@ -101,12 +101,15 @@ def verify(model, *, before=None, check_payload: bool = True) -> ShardReport:
     ddp = getattr(model, "_qadapt_ddp_wrapped", False)
     engine = record.sharded or _detect_engine(model, backend)
     report = check_layers(model, backend, engine, before)
+    if engine == "fsdp2":
+        report.problems.extend(fsdp2.cast_by_policy(model, backend))
     if ddp:
         report.problems.insert(0, "the model is wrapped in DistributedDataParallel: every rank holds all of it "
                                   "(accelerate 1.15 does so on CPU even with an FSDP config)")
     if check_payload and before and not report.problems:
         _compare_payloads(model, backend, engine, before, report)
     _agree(report)
+    record.sharded = engine  # a model sharded elsewhere (accelerator.prepare) is now known sharded: qd.save takes it
     model.__dict__[REPORT] = report
     return report
 
