@@ -4,6 +4,7 @@
     nox -t ci               everything CI runs: tests + each backend alone in its own environment
     nox -t backends         each backend extra alone: nox -s "backend(gptq)"
     nox -t compat           the oldest and newest supported PEFT x transformers pairs
+    nox -s distributed      the heavier multi-process runs (torchrun, DeepSpeed ZeRO-3, accelerate, memory per rank)
     nox -s demo             set up and run `qadapt demo` (bnb, hqq, torchao); nox -s demo-all: every backend
     nox -s matrix           `qadapt matrix --verify` per backend environment -> docs/compatibility.md
     nox -t panel            the architecture panel per backend environment -> docs/architectures.md (not in ci)
@@ -69,7 +70,15 @@ def tests(session):
     install(session, *DEFAULT_SUITE)
     session.install("-e", EXAMPLE_PLUGIN, "--no-deps")
     others = [f"--ignore-glob=tests/test_{name}.py" for name in BACKENDS if name not in DEFAULT_SUITE]
-    pytest(session, "tests", "-m", "not gpu", *others)
+    pytest(session, "tests", "-m", "not gpu and not distributed", *others)
+
+
+@nox.session(tags=["distributed"])
+def distributed(session):
+    """The heavier multi-process runs (torchrun, DeepSpeed ZeRO-3, accelerate, memory per rank): tests marked
+    `distributed`; DeepSpeed comes from the `deepspeed` extra (it builds its communication op with ninja once)."""
+    install(session, "bnb", "hqq", "deepspeed")
+    pytest(session, "tests", "-m", "distributed and not gpu")
 
 
 @nox.session(tags=["backends", "ci"])

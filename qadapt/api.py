@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import adapters, checkpoint, folders, inputs, loftq as loftq_init, progress, proxy, quiet, scope
+from . import adapters, checkpoint, folders, inputs, loftq as loftq_init, placement, progress, proxy, quiet, scope
 from .capabilities import MERGE_STRATEGIES, METHODS
 from .errors import ArchitectureError, CheckpointError, IncompatibleError, InvalidOptionError, QadaptError
 from .merging import MergeReport, engine
@@ -21,7 +21,8 @@ quiet_libraries()  # the known harmless messages of the backend libraries (QADAP
 
 # ---------------------------------------------------------------------------------------------------------- load
 def load(model: Any, backend: str | None = None, *, calibration: Any = None, tokenizer: Any = None,
-         allow_unquantized=(), trainable: bool = False, **options):
+         allow_unquantized=(), trainable: bool = False, device_map: Any = None, max_memory: Any = None,
+         cpu_offload: bool = False, **options):
     """Load or quantize a causal LM with ``backend``; or restore a folder written by :func:`save`.
 
     :param model: a ``PreTrainedModel`` in full precision, a path to a transformers folder (full precision, or already
@@ -35,6 +36,12 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         unquantized (a layer kind or shape the backend cannot take) is refused before any work, naming the layers.
     :param trainable: for a folder written by :func:`save`: its adapters come back with the active one trainable, to
         train further (see README, "Resume training").
+    :param device_map: transformers' ``device_map`` (``"auto"``, ``"cuda:1"``, or module -> device), for backends
+        that honour it (:meth:`~qadapt.QuantBackend.placement`); refused with the reason by the others. Default: the
+        whole model on this process's GPU (``cuda:LOCAL_RANK`` under a launcher), else the CPU.
+    :param max_memory: transformers' ``max_memory`` per device (implies ``device_map="auto"``).
+    :param cpu_offload: let the map put modules on the CPU, where they stay in full precision (bitsandbytes'
+        ``llm_int8_enable_fp32_cpu_offload``); :func:`qadapt.placement.placement_of` lists them.
     :param options: the backend's options (``qadapt backends --json`` lists them), checked before any work. For an
         already-quantized folder, the options it holds are read from it; only runtime options (a kernel, a compute
         dtype) may be chosen, and one that contradicts the folder is refused.
@@ -51,7 +58,7 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
     if isinstance(model, str):
         checkpoint.recover_for_load(model)  # a killed overwrite may have left the old checkpoint as its backup
     if isinstance(model, str) and checkpoint.is_checkpoint(model):
-        if backend is not None or options:
+        if backend is not None or options or device_map is not None or max_memory is not None or cpu_offload:
             raise InvalidOptionError(
                 f"load {model!r} with backend={backend!r}",
                 "this is a qadapt checkpoint: it records its own backend and options",
@@ -78,8 +85,6 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         resolved = folders.resolve(model, claim, backend, options)
         backend = claim.backend.name
         quant = ready_backend(backend, f"load {model!r} with backend '{backend}'")
-        with progress.step(f"load {model!r} with {backend}", heartbeat=True):
-            loaded = quant.load(model, resolved)
     else:
         if backend is None:
             if isinstance(model, str) and checkpoint.looks_like_checkpoint(model):
@@ -98,20 +103,29 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
             inputs.refuse_converted(model, quant)
         kept = scope.check_before(model if not isinstance(model, str) else checkpoint_shape(model), quant, resolved,
                                   allow, f"load with backend '{backend}'")
-        batches = inputs.calibration_batches(calibration, tokenizer, inputs.vocab_size_of(model))
-        if quant.needs_calibration(resolved) and not batches:
-            raise InvalidOptionError(
-                f"quantize with backend '{backend}'",
-                f"'{backend}' needs calibration data",
-                "Pass calibration=[texts...] with tokenizer=..., or a list of token-id tensors",
-            )
-        with progress.step(f"quantize with {backend}" + (" (calibrating)" if batches else ""), heartbeat=True):
-            loaded = quant.quantize(model, resolved, calibration=batches)
+    asked = f"load with backend '{backend}'"
+    where = placement.check(quant, resolved, asked, device_map=device_map, max_memory=max_memory,
+                            cpu_offload=cpu_offload)
+    with placement.applied(where, asked):
+        if claim is not None:
+            with progress.step(f"load {model!r} with {backend}", heartbeat=True):
+                loaded = quant.load(model, resolved)
+        else:
+            batches = inputs.calibration_batches(calibration, tokenizer, inputs.vocab_size_of(model))
+            if quant.needs_calibration(resolved) and not batches:
+                raise InvalidOptionError(
+                    f"quantize with backend '{backend}'",
+                    f"'{backend}' needs calibration data",
+                    "Pass calibration=[texts...] with tokenizer=..., or a list of token-id tensors",
+                )
+            with progress.step(f"quantize with {backend}" + (" (calibrating)" if batches else ""), heartbeat=True):
+                loaded = quant.quantize(model, resolved, calibration=batches)
     inputs.check_loaded(loaded, quant)
+    placed = placement.verify(loaded, quant, where, asked)
     report = scope.report(loaded, quant, resolved, kept=kept, allow=allow, from_checkpoint=claim is not None,
-                          asked=f"load with backend '{backend}'")
+                          asked=asked)
     set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version(),
-                              allow_unquantized=allow,
+                              allow_unquantized=allow, placement=placed,
                               source=os.path.abspath(model) if isinstance(model, str) else None))
     scope.record_report(loaded, report)
     return loaded

@@ -30,7 +30,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .capabilities import METHODS, OPERATIONS, Support, Table
+from .capabilities import METHODS, OPERATIONS, Support, Table, no
 from .errors import InvalidOptionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,6 +102,29 @@ class Option:
 def _among(value, choices) -> bool:
     """``value in choices``, where 1 is not True and 1.0 is not 1 (``in`` alone compares by ``==``)."""
     return any(type(value) is type(choice) and value == choice for choice in choices)
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What one of a backend's quantized layers costs in memory, for :func:`qadapt.memory_model.predict` (``qadapt
+    plan``). Every figure is per weight of the layer (``in_features x out_features``) unless it says otherwise."""
+
+    #: bits per weight of the quantized payload: the tensor a distributed engine shards
+    payload_bits: float
+    #: bits per weight of the quantization state held beside the payload (bitsandbytes' ``quant_state``, HQQ's
+    #: ``meta``): every rank keeps it whole under FSDP2
+    state_bits: float = 0.0
+    #: bytes per output row of state (row scales: LLM.int8's SCB, torchao int8's scale), kept whole on every rank
+    row_bytes: float = 0.0
+    #: activations the layers keep for the backward beyond a plain ``nn.Linear``'s, per token and decoder layer:
+    #: (copies of a hidden-size vector, copies of an intermediate-size vector), in the compute dtype
+    saved_inputs: tuple[float, float] = (0.0, 0.0)
+    #: the layer keeps its de-quantized weight for the backward (torchao's int8 linear)
+    saves_dequantized_weight: bool = False
+
+
+#: ``qadapt.load`` keywords that place a model the way transformers' ``from_pretrained`` does
+PLACEMENTS = ("device_map", "max_memory", "cpu_offload")
 
 
 @dataclass
@@ -350,19 +373,19 @@ class QuantBackend(abc.ABC):
         tensor}``) quantized the same way; ``module`` is not changed. Needed to merge an adapter on such parameters
         with ``strategy="requantize"`` (de-quantizing them is reading the parametrized attribute)."""
         raise NotImplementedError(f"backend '{self.name}' cannot re-quantize fused expert parameters")
+
     def loftq_support(self, options: dict[str, Any]) -> Support:
         """Can ``qadapt.attach(model, "lora", init_lora_weights="loftq")`` start LoRA from LoftQ on a model quantized
         with ``options``? LoftQ sets each LoRA pair to the best rank-r approximation of the layer's quantization error
         (PEFT's ``replace_lora_weights_loftq``, reading the full-precision weights from the folder the model was
         quantized from). Pure. Default: no (PEFT's LoftQ for an already-quantized base handles bitsandbytes 4-bit
         layers only)."""
-        from .capabilities import no
-
         return no(
             "PEFT's LoftQ for an already-quantized base (replace_lora_weights_loftq) handles bitsandbytes 4-bit layers "
             f"only, not backend '{self.name}'s",
             "Drop init_lora_weights='loftq' (LoRA starts from zero), or quantize with bitsandbytes 4-bit NF4 for LoftQ",
         )
+
 
     def peft_layer_types(self) -> dict[type, Any]:
         """Extra ``{quantized layer class: LoRA layer factory}`` for layers PEFT does not know (see PEFT's
@@ -425,6 +448,8 @@ def contract_problems(backend: QuantBackend) -> list[str]:
         for member in members:
             if says[operation] and not _overrides(backend, member):
                 problems.append(f"declares '{operation}' but does not implement {member}()")
+    if _overrides(backend, "empty_layer") != _overrides(backend, "fill_layer"):
+        problems.append("implements only one of empty_layer() and fill_layer(): loading into shards needs both")
     if backend.proxy_methods and not _overrides(backend, "dequantize"):
         problems.append("declares proxy_methods but does not implement dequantize() (the proxy reads the weight)")
     keywords = inspect.signature(backend.requantize).parameters

@@ -70,3 +70,8 @@ class CheckpointError(QadaptError):
 class PluginError(QadaptError):
     """A backend's plugin broke its contract while running (returned something else than a model, say); nothing of
     the caller's was changed by qadapt."""
+
+
+class ShardingError(QadaptError):
+    """A model cannot be sharded as asked, or its quantized state did not survive sharding (then training is refused
+    before its first step)."""

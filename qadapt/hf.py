@@ -7,12 +7,15 @@ module import time.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import os
 import tempfile
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 _patch_lock = threading.RLock()
 
@@ -39,10 +42,65 @@ def is_importable(module: str) -> bool:
 
 
 def default_device() -> str:
-    """Where a backend puts a model it quantized or loaded: the first CUDA GPU where there is one, else the CPU."""
+    """Where a backend puts a model it quantized or loaded: this process's CUDA GPU where there is one, else the CPU.
+
+    A process started by a distributed launcher (torchrun, accelerate launch, deepspeed: they set ``LOCAL_RANK``) gets
+    ``cuda:LOCAL_RANK``, so that the ranks of one host do not all load onto GPU 0; where the launcher shows each
+    process a single GPU, that one."""
     import torch
 
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None:
+        return "cuda:0"
+    index, count = int(local_rank), torch.cuda.device_count()
+    if index < count:
+        return f"cuda:{index}"
+    if count == 1:
+        return "cuda:0"
+    from .errors import QadaptError
+
+    raise QadaptError(f"place the model of local rank {index}", f"this process sees {count} GPUs, none numbered {index}",
+                      "Launch as many processes per host as it has GPUs, or show each process its own GPU "
+                      "(CUDA_VISIBLE_DEVICES)")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where ``qadapt.load`` was asked to put a model: transformers' ``device_map`` / ``max_memory``, and whether
+    layers it maps to the CPU may stay there (``cpu_offload``). Backends that honour these (their
+    :meth:`~qadapt.QuantBackend.placement`) read them here while ``qadapt.load`` runs."""
+
+    device_map: Any = None
+    max_memory: Any = None
+    cpu_offload: bool = False
+
+    def from_pretrained(self) -> dict:
+        """The keywords for transformers' ``from_pretrained``: the user's map, else the whole model on
+        :func:`default_device`."""
+        keywords = {"device_map": self.device_map if self.device_map is not None else default_device()}
+        if self.max_memory is not None:
+            keywords["max_memory"] = self.max_memory
+        return keywords
+
+
+_PLACEMENT: contextvars.ContextVar = contextvars.ContextVar("qadapt_placement", default=Placement())
+
+
+def placement() -> Placement:
+    """The placement of the ``qadapt.load`` call running now (default: everything on :func:`default_device`)."""
+    return _PLACEMENT.get()
+
+
+@contextmanager
+def placed(where: Placement):
+    """Make :func:`placement` return ``where`` inside the block (``qadapt.load`` wraps the backend's work in it)."""
+    token = _PLACEMENT.set(where)
+    try:
+        yield where
+    finally:
+        _PLACEMENT.reset(token)
 
 
 def to_default_device(model):

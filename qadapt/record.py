@@ -19,8 +19,12 @@ class Record:
     merged_when_saved: Any = None  # for a model loaded from a merged checkpoint: its manifest's "merged" entry
     allow_unquantized: tuple = ()  # qadapt.load(allow_unquantized=...): in-scope weights kept in full precision
     load_report: Any = None  # a qadapt.inventory.LoadReport
-    source: str | None = None  # the folder the model was loaded from (its tokenizer; LoftQ's full-precision weights)
+    # the folder the model was quantized or loaded from (its tokenizer; LoftQ's full-precision weights; a sharded run
+    # saves a reference to it)
+    source: str | None = None
     adapter_notes: dict = field(default_factory=dict)  # adapter name -> why its provenance is not qadapt's own
+    sharded: str | None = None  # the engine that shards the model (qadapt.distributed), None in one piece
+    placement: Any = None  # what qadapt.load(device_map=...) placed where (qadapt.placement.placement_of)
 
     def describe(self) -> dict:
         return {"backend": self.backend, "options": self.options, "library_version": self.library_version}

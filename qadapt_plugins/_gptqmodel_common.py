@@ -25,6 +25,8 @@ import os
 import shutil
 import tempfile
 
+from qadapt.capabilities import no
+
 # Attribute set on a model that qadapt loaded with gptqmodel: the folder its quantized base came from (None for a
 # model quantized in this process).
 SOURCE_ATTR = "_qadapt_gptqmodel_source"
@@ -138,6 +140,15 @@ def check_marlin_options(backend: str, options) -> None:
             "Marlin's kernels compute in float16 or bfloat16 only",
             "Pass dtype='float16' (or 'bfloat16') with kernel='marlin'",
         )
+
+
+#: gptqmodel's packed layers (qweight, qzeros, scales, g_idx) under FSDP2 / ZeRO-3
+NOT_SHARDED = {
+    engine: no("gptqmodel keeps qweight, qzeros, scales and g_idx as buffers (register_buffer), which FSDP2 and "
+               "ZeRO-3 do not shard: every rank would hold the whole model; not verified under either engine",
+               "Train sharded with bnb bits=4 or hqq")
+    for engine in ("fsdp2", "zero3")
+}
 
 
 def marlin_table():

@@ -103,6 +103,9 @@ class AqlmBackend(QuantBackend):
             ),
             dequantize=yes("codes, codebooks and scales de-quantize exactly (aqlm's own _dequantize_weight)"),
             save=yes("transformers' AQLM format: safetensors codes/codebooks/scales + quantization_config"),
+            sharded={engine: no(f"not verified under {engine}: no sharded run of AQLM layers (integer codes as a "
+                                "parameter, codebooks and scales) was made", "Train sharded with bnb bits=4")
+                     for engine in ("fsdp2", "zero3")},
         )
 
     # ------------------------------------------------------------------ scope

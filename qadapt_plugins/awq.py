@@ -81,6 +81,7 @@ class AWQBackend(common.PackedLayersBackend, QuantBackend):
             requantize=requantize,
             dequantize=yes("qweight/qzeros (AWQ order) and scales are unpacked to the float weight"),
             save=yes("the AWQ 'gemm' checkpoint format (safetensors + quantization_config)"),
+            sharded=common.NOT_SHARDED,
         )
 
     # ------------------------------------------------------------------ heavy work

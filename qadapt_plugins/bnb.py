@@ -20,6 +20,7 @@ from qadapt.backend import Option, QuantBackend
 from qadapt.capabilities import declare, no, yes
 from qadapt.hookspecs import hookimpl
 from qadapt.merging.requant import POLICIES
+from qadapt_plugins._bnb_shards import SHARDED_4BIT, SHARDED_8BIT, ShardingMembers
 
 DTYPES = ("float32", "bfloat16", "float16")
 #: the side file holding 4-bit fused expert parameters (packed data and QuantState tensors)
@@ -28,7 +29,7 @@ EXPERTS_FILE = "qadapt_experts.safetensors"
 INT8_STEP = struct.unpack("f", struct.pack("f", 1 / 127))[0]
 
 
-class BitsAndBytesBackend(QuantBackend):
+class BitsAndBytesBackend(ShardingMembers, QuantBackend):
     name = "bnb"
     summary = "bitsandbytes 4-bit NF4/FP4 (double quant) and 8-bit LLM.int8 weights"
     requires = ("bitsandbytes",)
@@ -83,6 +84,7 @@ class BitsAndBytesBackend(QuantBackend):
             requantize=yes("bitsandbytes quantizes a merged weight on the fly (fresh absmax scales)"),
             dequantize=yes("bitsandbytes de-quantizes 4-bit and 8-bit weights exactly"),
             save=yes("transformers serializes bitsandbytes weights with safetensors"),
+            sharded=SHARDED_4BIT if options["bits"] == 4 else SHARDED_8BIT,
         )
 
     def full_precision(self, model, options):
@@ -119,15 +121,21 @@ class BitsAndBytesBackend(QuantBackend):
         import torch
         from transformers import BitsAndBytesConfig
 
+        from qadapt.hf import placement
+
         if options["bits"] == 8:
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip,
+                                      llm_int8_enable_fp32_cpu_offload=placement().cpu_offload)
         return BitsAndBytesConfig(
             load_in_4bit=True,
             llm_int8_skip_modules=skip,
             bnb_4bit_quant_type=options["quant_type"],
             bnb_4bit_use_double_quant=options["double_quant"],
             bnb_4bit_compute_dtype=dtype if options["compute_dtype"] == "auto" else getattr(torch, options["compute_dtype"]),
-            bnb_4bit_quant_storage=torch.uint8,
+            # the packed bytes stored as the model's dtype: FSDP2 and DeepSpeed then shard them like any weight
+            # (accelerate 1.15's FSDP2 leaves uint8 Params4bit unsharded, a warning only); the same bytes either way
+            bnb_4bit_quant_storage=dtype,
+            llm_int8_enable_fp32_cpu_offload=placement().cpu_offload,
         )
 
     def quantize(self, model, options, calibration=None):
@@ -177,15 +185,15 @@ class BitsAndBytesBackend(QuantBackend):
     def _from_pretrained(self, path, dtype, **kwargs):
         from transformers import AutoModelForCausalLM
 
-        from qadapt.hf import default_device, plain_linear_classes, quiet_transformers
+        from qadapt.hf import placement, plain_linear_classes, quiet_transformers
 
         quiet_transformers()
         # transformers' replace_with_bnb_linear matches ``type(module) is nn.Linear`` (5.23): Falcon's FalconLinear
         # layers would silently stay in full precision; built as nn.Linear they are quantized (same weights, same
         # forward)
         with plain_linear_classes():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=default_device(),
-                                                         use_safetensors=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                         **placement().from_pretrained(), **kwargs)
         _keep_cpu_layout(model)
         return model
 
@@ -233,12 +241,12 @@ class BitsAndBytesBackend(QuantBackend):
         else:
             from transformers import AutoModelForCausalLM
 
-            from qadapt.hf import default_device, plain_linear_classes, quiet_transformers
+            from qadapt.hf import placement, plain_linear_classes, quiet_transformers
 
             quiet_transformers()
             with plain_linear_classes():
-                model, info = AutoModelForCausalLM.from_pretrained(path, device_map=default_device(),
-                                                                   output_loading_info=True, use_safetensors=True)
+                model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, use_safetensors=True,
+                                                                   **placement().from_pretrained())
             load_experts(model, path, info)
             _keep_cpu_layout(model)
         if options["bits"] == 4 and options["compute_dtype"] != "auto":
@@ -420,7 +428,7 @@ class BitsAndBytesBackend(QuantBackend):
             new_state.absmax = torch.gather(values, 1, chosen.view(-1, 1)).view(-1).to(state.absmax.dtype)
         clone = clone_module(module)
         clone.weight = bnb.nn.Params4bit(
-            pack_4bit(codes).to(old.dtype) if old.dtype == torch.uint8 else pack_4bit(codes).view(old.dtype),
+            pack_4bit(codes) if old.dtype == torch.uint8 else pack_4bit(codes).reshape(-1).view(old.dtype).reshape(-1, 1),
             requires_grad=False,
             quant_state=new_state,
             blocksize=state.blocksize,
@@ -430,6 +438,9 @@ class BitsAndBytesBackend(QuantBackend):
             module=clone,
             bnb_quantized=True,
         )
+        # Params4bit(quant_state=...) leaves the module's quant_state alone: it still held the old layer's (copied by
+        # clone_module). Under FSDP2 the forward reads the module's, so it would pair the new codes with old scales.
+        clone.quant_state = new_state
         return clone
 
     def _requantize_8bit_on_grid(self, module, weight, fresh, policy):
@@ -639,7 +650,7 @@ def unpack_4bit(data, numel):
     """The 4-bit codes of bitsandbytes' packed bytes, in order."""
     import torch
 
-    flat = data.reshape(-1)
+    flat = data.reshape(-1).view(torch.uint8)  # the packed bytes, whatever dtype stores them
     out = torch.empty(flat.numel() * 2, dtype=torch.uint8, device=data.device)
     out[0::2] = flat >> 4
     out[1::2] = flat & 0x0F

@@ -29,7 +29,7 @@ import os
 import sys
 
 from qadapt.backend import Environment, Option, QuantBackend
-from qadapt.capabilities import declare, yes
+from qadapt.capabilities import declare, no, yes
 from qadapt.hookspecs import hookimpl
 
 #: EETQ's int8 tile: both weight dimensions must be multiples of it (its kernels and its layout)
@@ -133,6 +133,8 @@ class EETQBackend(QuantBackend):
             requantize=yes("per-channel int8 re-quantization of the merged weight, written in EETQ's layout"),
             dequantize=yes("EETQ's layout undone; q * scale in float16, as EETQ's kernel de-quantizes"),
             save=yes("transformers' EETQ checkpoint layout: int8 weight, float16 weight_scales, safetensors"),
+            sharded={engine: no(f"not verified under {engine}: no sharded run of EETQ's layers was made",
+                                "Train sharded with bnb bits=4") for engine in ("fsdp2", "zero3")},
         )
 
     # ------------------------------------------------------------------ scope

@@ -81,6 +81,7 @@ class GPTQBackend(common.PackedLayersBackend, QuantBackend):
             requantize=requantize,
             dequantize=yes("qweight/qzeros/scales/g_idx are unpacked to the float weight"),
             save=yes("the standard GPTQ checkpoint format (safetensors + quantize_config.json)"),
+            sharded=common.NOT_SHARDED,
         )
 
     # ------------------------------------------------------------------ heavy work

@@ -17,13 +17,14 @@ from qadapt.backend import Option, QuantBackend
 from qadapt.capabilities import declare, yes
 from qadapt.hookspecs import hookimpl
 from qadapt.merging.requant import POLICIES
+from qadapt_plugins._hqq_shards import SHARDED, ShardingMembers
 
 LAYOUT_FILE = "hqq_layers.json"
 WEIGHTS_FILE = "model.safetensors"
 THROUGH_PROXY = "PEFT has no HQQ layer for {}: qadapt presents HQQLinear as nn.Linear (forward unchanged)"
 
 
-class HQQBackend(QuantBackend):
+class HQQBackend(ShardingMembers, QuantBackend):
     name = "hqq"
     summary = "HQQ half-quadratic quantization (1-8 bits, no calibration)"
     requires = ("hqq.core.quantize",)
@@ -61,6 +62,7 @@ class HQQBackend(QuantBackend):
             requantize=yes("HQQ re-quantizes the merged weight with the same bits and group size"),
             dequantize=yes("HQQLinear.dequantize()"),
             save=yes("HQQ's state dict is plain tensors, saved with safetensors"),
+            sharded=SHARDED,
         )
 
     # ------------------------------------------------------------------ heavy work

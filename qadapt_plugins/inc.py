@@ -25,7 +25,7 @@ import json
 import os
 
 from qadapt.backend import Environment, Option, QuantBackend
-from qadapt.capabilities import declare, yes
+from qadapt.capabilities import declare, no, yes
 from qadapt.hookspecs import hookimpl
 
 LAYOUT_FILE = "inc_layers.json"
@@ -158,6 +158,9 @@ class INCBackend(QuantBackend):
             ),
             dequantize=yes("packed weights, zero points and float16 scales unpack exactly (same values as INC's forward)"),
             save=yes("packed tensors in safetensors plus a JSON description of each layer"),
+            sharded={engine: no(f"not verified under {engine}: INC's INCWeightOnlyLinear keeps its packed weight in "
+                                "buffers, which engines do not shard", "Train sharded with bnb bits=4")
+                     for engine in ("fsdp2", "zero3")},
         )
 
     # ------------------------------------------------------------------ heavy work

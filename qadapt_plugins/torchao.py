@@ -6,7 +6,7 @@ transformers saves them with safetensors.
 
 from __future__ import annotations
 
-from qadapt.backend import Option, QuantBackend
+from qadapt.backend import MemoryProfile, Option, QuantBackend
 from qadapt.capabilities import declare, no, yes
 from qadapt.errors import BackendUnavailableError
 from qadapt.hookspecs import hookimpl
@@ -18,7 +18,34 @@ INT4_NOT_TRAINABLE = no(
 )
 
 
-class TorchAOBackend(QuantBackend):
+NOT_SHARDED = {
+    "fsdp2": no("torchao 0.18's Int8Tensor has no FSDP2 all-gather extension: fully_shard fails (NotImplementedError: "
+                "Int8Tensor dispatch ... aten.split)", "Use bnb bits=4 or hqq to train sharded"),
+    "zero3": no("not verified: no ZeRO-3 run of torchao's tensor-subclass weights was made", "Use bnb bits=4 to train "
+                "sharded"),
+}
+
+
+class _PlacementAndMemory:
+    """torchao's placement and memory members (``qadapt.QuantBackend`` documents each)."""
+
+    def placement(self, options):
+        from qadapt.backend import PLACEMENTS
+
+        honoured = yes("transformers' from_pretrained places the layers")
+        offload = no("CPU offload of torchao's tensor-subclass weights is not verified (accelerate moves them with "
+                     "hooks)", "Map every module to a GPU, or use bnb for CPU offload")
+        return {name: offload if name == "cpu_offload" else honoured for name in PLACEMENTS}
+
+    def memory_profile(self, options, dtype_bytes):
+        if options["scheme"] == "int4_weight_only":
+            return MemoryProfile(payload_bits=4, state_bits=2 * 16 / options["group_size"])
+        # int8 codes and a scale per row in the model's dtype; torchao's int8 linear keeps each layer's de-quantized
+        # weight for the backward (seen with saved-tensor hooks on CPU; docs/benchmarks.md, 8B table)
+        return MemoryProfile(payload_bits=8, row_bytes=dtype_bytes, saves_dequantized_weight=True)
+
+
+class TorchAOBackend(_PlacementAndMemory, QuantBackend):
     name = "torchao"
     summary = "torchao tensor-subclass weights (int8 weight-only; int4 weight-only on CUDA)"
     requires = ("torchao",)
@@ -51,6 +78,7 @@ class TorchAOBackend(QuantBackend):
                 requantize=no("no adapter can be trained on int4"),
                 dequantize=no("no adapter can be trained on int4"),
                 save=no("no adapter can be trained on int4"),
+                sharded=NOT_SHARDED,
             )
         nn_linear = "the layer stays nn.Linear, so PEFT's {} layer wraps it"
         return declare(
@@ -64,6 +92,7 @@ class TorchAOBackend(QuantBackend):
             requantize=yes("torchao quantizes the merged weight again with the same config"),
             dequantize=yes("the weight tensor's own dequantize()"),
             save=yes("transformers serializes torchao int8 weights with safetensors"),
+            sharded=NOT_SHARDED,
         )
 
     def full_precision(self, model, options):
@@ -100,7 +129,7 @@ class TorchAOBackend(QuantBackend):
         import torch
         from transformers import AutoModelForCausalLM, TorchAoConfig
 
-        from qadapt.hf import as_pretrained_dir, default_device, model_dtype, plain_linear_classes, quiet_transformers
+        from qadapt.hf import as_pretrained_dir, model_dtype, placement, plain_linear_classes, quiet_transformers
 
         if options["scheme"] == "int4_weight_only" and not torch.cuda.is_available():
             raise BackendUnavailableError(
@@ -115,7 +144,7 @@ class TorchAOBackend(QuantBackend):
         # aten.permute, torchao 0.18): built as nn.Linear (same weights, F.linear) it runs
         with as_pretrained_dir(model) as path, plain_linear_classes():
             return AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, device_map=default_device(), quantization_config=TorchAoConfig(self._config(options)),
+                path, dtype=dtype, **placement().from_pretrained(), quantization_config=TorchAoConfig(self._config(options)),
                 use_safetensors=True,
             )
 
@@ -153,11 +182,11 @@ class TorchAOBackend(QuantBackend):
     def load(self, path, options):
         from transformers import AutoModelForCausalLM
 
-        from qadapt.hf import default_device, plain_linear_classes, quiet_transformers
+        from qadapt.hf import placement, plain_linear_classes, quiet_transformers
 
         quiet_transformers()
         with plain_linear_classes():
-            return AutoModelForCausalLM.from_pretrained(path, device_map=default_device(), use_safetensors=True)
+            return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **placement().from_pretrained())
 
     def save(self, model, path, options):
         from qadapt.hf import saving_pre_quantized

@@ -18,10 +18,10 @@ CORE = ROOT / "qadapt"
 TIERS = [
     ("command line", ["qadapt.cli", "qadapt.__main__"]),
     ("conformance kit", ["qadapt.testing"]),
-    ("user API", ["qadapt", "qadapt.api"]),
+    ("user API", ["qadapt", "qadapt.api", "qadapt.distributed"]),
     ("orchestration", ["qadapt.checkpoint", "qadapt.adapters", "qadapt.folders", "qadapt.loftq", "qadapt.merging",
                        "qadapt.proxy", "qadapt.memory", "qadapt.training", "qadapt.inputs", "qadapt.rollback",
-                       "qadapt.scope"]),
+                       "qadapt.scope", "qadapt.placement", "qadapt.memory_model"]),
     ("plugin system", ["qadapt.plugins", "qadapt.plugin_guard", "qadapt.hookspecs", "qadapt.backend",
                        "qadapt.unquantized", "qadapt.capabilities", "qadapt.record"]),
     ("helpers", ["qadapt.errors", "qadapt.hf", "qadapt.inventory", "qadapt.peft_layers", "qadapt.merging.requant",

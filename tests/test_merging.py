@@ -149,7 +149,10 @@ def _same(a, b):
             return False
         names, attributes = a.__tensor_flatten__()
         return attributes == b.__tensor_flatten__()[1] and all(_same(getattr(a, n), getattr(b, n)) for n in names)
-    return torch.equal(a, b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    # bytes, not values: bitsandbytes' packed codes stored as floats hold NaN patterns, unequal to themselves
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
 
 
 @pytest.mark.parametrize("backend,options", [("bnb", {"bits": 4}), ("hqq", {}), ("torchao", {})])

@@ -12,6 +12,7 @@ from ..record import Record, set_record
 from .adapter import adapter_index, load_saved_adapters
 from .files import recover_for_load
 from .manifest import check_loaded_layers, read_manifest
+from .source import load_source
 
 
 def load(path: str, *, trainable: bool = False):
@@ -35,7 +36,10 @@ def load(path: str, *, trainable: bool = False):
                           f"{installed} is installed", stacklevel=3)
     base = os.path.join(path, "base")
     try:
-        model = backend.load(base, options)
+        if manifest.get("base_source"):  # saved by a sharded run: the base is the folder it was quantized from
+            model = load_source(path, manifest["base_source"], backend, options)
+        else:
+            model = backend.load(base, options)
     except QadaptError:
         raise
     except Exception as exc:
@@ -44,7 +48,8 @@ def load(path: str, *, trainable: bool = False):
     check_loaded_layers(manifest, model, backend, path)
     allow = tuple(backend_info.get("allow_unquantized") or ())
     record = Record(backend=name, options=options, library_version=backend_info.get("library_version"),
-                    merged_when_saved=manifest.get("merged"), allow_unquantized=allow, source=os.path.abspath(base))
+                    merged_when_saved=manifest.get("merged"), allow_unquantized=allow,
+                    source=(manifest.get("base_source") or {}).get("path") or os.path.abspath(base))
     set_record(model, record)
     scope.record_report(model, scope.report(model, backend, options, allow=allow, from_checkpoint=True,
                                             asked=f"load {path!r}"))

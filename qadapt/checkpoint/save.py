@@ -27,6 +27,9 @@ def save(model, path: str, *, overwrite: bool = False, tokenizer=None) -> str:
     from ..adapters import active_name, attached
 
     record = get_record(model)
+    if record.sharded is not None:
+        raise CheckpointError(f"save to {path!r}", f"the model is sharded by {record.sharded}: each rank holds a "
+                              "share of it", "Use qadapt.distributed.save (collective: it writes once, on rank 0)")
     backend = backend_of(record)
     merged = record.merge
     on_model = attached(model)  # every adapter, whoever attached it

@@ -11,13 +11,14 @@ import os
 import sys
 
 #: the verbs, in the order ``qadapt --help`` lists them
-VERBS = ("quantize", "inspect", "merge", "export", "backends", "matrix", "doctor", "demo")
+VERBS = ("quantize", "inspect", "merge", "export", "plan", "backends", "matrix", "doctor", "demo")
 
 DESCRIPTION = """Quantize a causal LM with any backend, train PEFT adapters on it, merge and ship it.
 
 The whole job from the command line: quantize a model folder, inspect what a folder or checkpoint holds, merge a
-trained checkpoint's adapter, export it for shipping; and the state of this machine: backends, the capability matrix,
-doctor, an offline demo. Run `qadapt VERB --help` for a verb's options."""
+trained checkpoint's adapter, export it for shipping, plan the memory a training run needs per GPU; and the state of
+this machine: backends, the capability matrix, doctor, an offline demo. Run `qadapt VERB --help` for a verb's
+options."""
 
 #: exit status of a refusal (a QadaptError): what was asked cannot be done, and nothing was changed
 REFUSED = 2

@@ -47,6 +47,9 @@ def _row(name, registration, check: bool) -> dict:
         "library_version": backend.library_version(),
         "options": {o.name: {"default": o.default, "choices": list(o.choices) if o.choices else None, "help": o.help}
                     for o in backend.options},
+        # qadapt.load(device_map=, max_memory=, cpu_offload=), with the default options
+        "placement": {key: {"supported": cell.supported, "reason": cell.reason}
+                      for key, cell in backend.placement(backend.validate_options({})).items()},
     }
     if check:
         env = checked_environment(backend)

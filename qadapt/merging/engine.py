@@ -280,6 +280,14 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
 
     from .. import progress
 
+    if record.sharded is not None:
+        from ..errors import IncompatibleError
+
+        raise IncompatibleError(f"merge a model sharded by {record.sharded}", "each rank holds a share of every "
+                                "quantized layer, and a merge needs whole layers",
+                                "Save with qadapt.distributed.save, then qadapt.load the folder in one process and "
+                                "merge there")
+
     inner = base_model(model)
     batch = measure_batch(inner, calibration)
     layers = tuner_layers(inner, record.adapter_name)

@@ -23,6 +23,10 @@ raise qadapt's error before any weight changes. Checks, per method:
   or the backend's declared ``forward_tolerance`` where its forward rounds activations too, as LLM.int8 does).
 * ``unmerge``: after either merge, the outputs are bit-for-bit those of before the merge.
 * ``save``: save, reload, same outputs.
+* ``train_fsdp2`` / ``train_zero3``: a fresh model sharded by the engine in a process group of one (the code path of
+  every world size), verified by qadapt (payload bytes gathered bit for bit, quantization state unchanged); its loss
+  equals the unsharded model's, two optimizer steps change the adapter with finite losses. A declared ``no`` must be
+  refused by ``qadapt.distributed.shard`` before the model changes.
 """
 
 from __future__ import annotations
@@ -173,6 +177,7 @@ def _check_method(cells, quant, resolved, options, model_factory, calibration, g
     reference = _outputs(model, batch)
     _check_merges(cells, model, batch, reference, quant.forward_tolerance(resolved))
     _check_save(cells, model, batch, reference)
+    _check_sharded(cells, model, lambda: api.load(model_factory(), quant.name, calibration=calibration, **options), batch)
 
 
 def _random_batch(model, generator):
@@ -253,6 +258,76 @@ def _check_save(cells, model, batch, reference) -> None:
             cells.record("save", "failed", _describe(exc))
 
 
+def _check_sharded(cells, model, fresh, batch) -> None:
+    """The engines' cells: performed on a fresh model (sharding cannot be undone), refusals on ``model``."""
+    import torch
+    import torch.distributed as dist
+
+    from .. import api, distributed
+    from ..capabilities import ENGINES
+    from ..distributed.zero3 import available
+
+    for engine, operation in ENGINES.items():
+        if not cells.declared(operation):
+            before = _snapshot(model)
+            outcome = _expect_refusal(lambda: distributed.shard(model, engine))
+            if outcome == "refused as declared" and not _same(before, _snapshot(model)):
+                outcome = "failed"
+            cells.record(operation, outcome)
+            continue
+        if engine == "zero3" and available():
+            cells.record(operation, "unavailable", available())
+            continue
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            cells.record(operation, "skipped", "run in a process group of its own (this one has several ranks)")
+            continue
+        try:
+            with distributed.one_process_group():
+                candidate = api.attach(fresh(), cells.method, **STRONG_INIT[cells.method])
+                candidate.train()
+                unsharded = candidate(input_ids=batch, labels=batch).loss.item()
+                keywords = {}
+                if engine == "zero3":  # DeepSpeed wraps the optimizer it steps
+                    keywords["optimizer"] = torch.optim.AdamW([p for p in candidate.parameters() if p.requires_grad],
+                                                              lr=1e-3)
+                wrapped = distributed.shard(candidate, engine, **keywords)
+                report = distributed.last_report(wrapped)
+                losses = _train_sharded(wrapped, engine, batch)
+            gap = abs(losses[0] - unsharded) / max(abs(unsharded), 1e-12)
+            detail = (f"{report.layers} layers verified, payload gathered bit for bit ({report.payload_checked}); "
+                      f"loss {losses[0]:.6g} vs unsharded {unsharded:.6g}")
+            cells.record(operation, "passed" if gap < 1e-4 else "failed", detail)
+        except Exception as exc:
+            cells.record(operation, "failed", _describe(exc))
+
+
+def _train_sharded(wrapped, engine, batch) -> list[float]:
+    """Two steps on a sharded model (DeepSpeed's engine steps itself); the losses. Raises if nothing trains."""
+    import torch
+
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable] if engine != "zero3" else None  # ZeRO-3: partitioned, see losses
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3) if engine != "zero3" else None
+    losses = []
+    for _ in range(2):
+        loss = wrapped(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            raise AssertionError(f"loss is {loss.item()}")
+        if engine == "zero3":
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    if before is not None and all(torch.equal(a, p.detach()) for a, p in zip(before, trainable)):
+        raise AssertionError("no adapter weight changed")
+    if losses[1] == losses[0]:
+        raise AssertionError("the loss did not move")
+    return losses
+
+
 def return_to_unmerged(model) -> None:
     from ..record import get_record
 
@@ -280,7 +355,7 @@ def _train_check(model, batch) -> None:
         optimizer.zero_grad()
     after = _snapshot(model)
     names = {name for name, p in model.named_parameters() if p.requires_grad}
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    changed = {name for name in before if not _bits_equal(before[name], after[name])}
     if not changed & names:
         raise AssertionError("no adapter weight changed")
     frozen_changed = changed - names
@@ -328,9 +403,17 @@ def _snapshot(model) -> dict:
 
 
 def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(_bits_equal(a[k], b[k]) for k in a)
+
+
+def _bits_equal(a, b) -> bool:
+    """The same bytes: packed codes stored as floats (bitsandbytes' quant storage) hold NaN patterns, which
+    ``torch.equal`` calls different from themselves."""
     import torch
 
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
 
 
 def _expect_refusal(action) -> str:
