@@ -268,6 +268,11 @@ def schema_problems(manifest) -> list[str]:
             active = adapter.get("name") if isinstance(adapter, dict) else None
             if index and active not in index:
                 problems.append("'adapter' (the active one) is not among 'adapters'")
+    source = manifest.get("base_source")
+    if source is not None and not (isinstance(source, dict) and _is_str(source.get("path"))
+                                   and isinstance(source.get("files", {}), dict)
+                                   and all(_is_str(k) and _is_str(v) for k, v in source.get("files", {}).items())):
+        problems.append("'base_source' is neither null nor an object with a 'path' and 'files' checksums")
     if not _is_optional_str(manifest.get("tokenizer")):
         problems.append("'tokenizer' is neither a string nor null")
     merged = manifest.get("merged")
