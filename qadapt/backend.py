@@ -386,6 +386,46 @@ class QuantBackend(abc.ABC):
             "Drop init_lora_weights='loftq' (LoRA starts from zero), or quantize with bitsandbytes 4-bit NF4 for LoftQ",
         )
 
+    # ----------------------------------------------------------------- placement and sharding
+    def placement(self, options: dict[str, Any]) -> dict[str, Support]:
+        """Which of :data:`PLACEMENTS` (``qadapt.load(..., device_map=, max_memory=, cpu_offload=)``) this backend
+        honours with ``options``; a backend that honours one reads it from :func:`qadapt.hf.placement`, which
+        ``qadapt.load`` sets. Default: none (the whole model goes to :func:`qadapt.hf.default_device`)."""
+        refusal = no(f"backend '{self.name}' places the whole model on one device (qadapt.hf.default_device())",
+                     "Leave the placement keywords out, or use a backend whose loader takes a device map "
+                     "(`qadapt backends --json` lists what each honours)")
+        return {placement: refusal for placement in PLACEMENTS}
+
+    def sharded_parameters(self, module: "torch.nn.Module") -> tuple[str, ...]:
+        """Names of the parameters of one quantized layer that hold its quantized payload: the tensors a distributed
+        engine shards, which :mod:`qadapt.distributed` checks after sharding (same bytes, this rank's share only).
+        Default: ``("weight",)``."""
+        return ("weight",)
+
+    def quant_state_tensors(self, module: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+        """The tensors besides the payload that one quantized layer's forward reads (scales, code tables), by name:
+        the state that must survive sharding unchanged (FSDP2 keeps it whole on every rank). Default: none (tensor
+        subclasses carry theirs inside the payload)."""
+        return {}
+
+    def empty_layer(self, linear: "torch.nn.Module", options: dict[str, Any], dtype: "torch.dtype") -> "torch.nn.Module":
+        """A quantized layer for the ``nn.Linear`` ``linear`` (on the meta device) whose :meth:`sharded_parameters`
+        are on the meta device in their packed shape: ``qadapt.distributed.load_sharded`` builds the model from these,
+        shards it, then fills each rank's share with :meth:`fill_layer`. Optional: without it a backend loads whole
+        (``qadapt.load``) before sharding."""
+        raise NotImplementedError(f"backend '{self.name}' cannot build empty layers to load into shards")
+
+    def fill_layer(self, layer: "torch.nn.Module", weight: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+        """Quantize the full-precision ``weight`` (out, in) for ``layer`` (made by :meth:`empty_layer`): set its
+        quantization state on ``layer`` and return the full payload by parameter name, exactly the bytes
+        :meth:`quantize` would give this weight (every rank quantizes the whole tensor and keeps its share)."""
+        raise NotImplementedError(f"backend '{self.name}' cannot build empty layers to load into shards")
+
+    def memory_profile(self, options: dict[str, Any], dtype_bytes: int) -> MemoryProfile | None:
+        """The memory cost of this backend's layers with ``options`` in a model of ``dtype_bytes`` per element (for
+        ``qadapt plan``), or None where it is not known. Default: None."""
+        return None
+
 
     def peft_layer_types(self) -> dict[type, Any]:
         """Extra ``{quantized layer class: LoRA layer factory}`` for layers PEFT does not know (see PEFT's
