@@ -73,6 +73,11 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         raise InvalidOptionError(f"load with backend={backend!r}", "a backend is named by a string",
                                  "Pass backend='name' (run `qadapt backends` for the list)")
     allow = _patterns(allow_unquantized)
+    if backend is not None:
+        ready_backend(backend, f"load with backend '{backend}'")  # a backend that cannot run here: said first
+    if isinstance(model, str) and backend is None and checkpoint.looks_like_checkpoint(model):
+        raise CheckpointError(f"load {model!r}", f"{checkpoint.MANIFEST} is missing",
+                              "Point at a folder written by qadapt.save")
     if isinstance(model, str) and not os.path.isdir(model):
         raise InvalidOptionError(
             f"load {model!r}", "no such folder (qadapt never downloads models)", "Pass a local folder or a PreTrainedModel"
@@ -87,9 +92,6 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         quant = ready_backend(backend, f"load {model!r} with backend '{backend}'")
     else:
         if backend is None:
-            if isinstance(model, str) and checkpoint.looks_like_checkpoint(model):
-                raise CheckpointError(f"load {model!r}", f"{checkpoint.MANIFEST} is missing",
-                                      "Point at a folder written by qadapt.save")
             raise InvalidOptionError(
                 "load without a backend",
                 "qadapt needs to know how to quantize the model" + (" (no backend reads this folder's weights as "
@@ -122,6 +124,12 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
                 loaded = quant.quantize(model, resolved, calibration=batches)
     inputs.check_loaded(loaded, quant)
     placed = placement.verify(loaded, quant, where, asked)
+    if placed and placed["on_cpu"] and kept is not None:  # asked for with cpu_offload=True (verify refuses it otherwise)
+        from .inventory import by_design
+
+        offloaded = by_design("mapped to the CPU with cpu_offload=True, where the backend keeps it in full precision")
+        kept = {**kept, **{name: offloaded for name in placed["not_quantized"]
+                           if any(name == cpu or name.startswith(cpu + ".") for cpu in placed["on_cpu"])}}
     report = scope.report(loaded, quant, resolved, kept=kept, allow=allow, from_checkpoint=claim is not None,
                           asked=asked)
     set_record(loaded, Record(backend=backend, options=resolved, library_version=quant.library_version(),

@@ -69,9 +69,10 @@ def test_an_adapter_name_that_is_a_path_never_reaches_the_file_system(tmp_path):
 
 
 def test_save_refuses_a_record_whose_adapter_name_is_a_path(tmp_path):
-    """Defence in depth: a record changed by hand after attach is refused before any file is written."""
+    """Defence in depth: an adapter name PEFT would join into a path (set by hand, past attach's check) is refused
+    before any file is written."""
     model = small_lora()
-    qadapt.api.get_record(model).adapter_name = str(tmp_path / "elsewhere")
+    model.peft_config["../elsewhere"] = model.peft_config["default"]
     with pytest.raises(qadapt.InvalidOptionError, match="plain name"):
         qadapt.save(model, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == []

@@ -383,9 +383,18 @@ def test_the_loss_says_which_library_runs_and_why_not_the_others(monkeypatch):
     assert summed(None, None, None) == "called"
 
 
+def test_regional_compile_of_the_fused_functions_is_refused_before_any_change():
+    model = adapted(None)
+    before = {name: type(m).forward for name, m in model.named_modules()}
+    with pytest.raises(qadapt.InvalidOptionError, match="lora='fused' and mlp='fused'.*lora='peft', mlp='off'"):
+        qadapt.prepare(model, "fast", compile="regional")
+    assert {name: type(m).forward for name, m in model.named_modules()} == before
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
 def test_offloaded_checkpointing_and_compile_are_reported_per_layer():
     model = adapted(None)
-    report = qadapt.prepare(model, "lean", compile="regional")
+    report = qadapt.prepare(model, "lean", compile="regional", lora="peft", mlp="off")
     assert report.parts["checkpoint"].modules == ["model.layers.0", "model.layers.1"]
     assert "not on CUDA" in report.parts["checkpoint"].notes[0]
     assert len(report.parts["compile"].modules) == 2
@@ -472,7 +481,9 @@ def test_gpu_fast_peaks_well_below_the_plain_path():
         return torch.cuda.max_memory_allocated()
 
     plain, fast, lean = peak(None), peak("fast"), peak("lean")
-    assert fast < 0.66 * plain and lean < fast, (plain, fast, lean)
+    # at this size the activations the offloaded checkpointing saves are small: lean beats fast at 8B (6.5 vs 16.3 GiB,
+    # docs/benchmarks.md), not here (H200: plain 1.46, fast 0.53, lean 0.69 GiB)
+    assert fast < 0.66 * plain and lean < 0.66 * plain, (plain, fast, lean)
 
 
 @gpu
@@ -481,7 +492,7 @@ def test_gpu_regional_compile_trains_like_eager():
     eager = _cuda_adapted("bnb")
     qadapt.prepare(eager, "fast")
     compiled = _cuda_adapted("bnb")
-    qadapt.prepare(compiled, "fast", compile="regional")
+    qadapt.prepare(compiled, "fast", compile="regional", lora="peft", mlp="off")
     for _ in range(2):
         loss_eager, _ = step(eager, ids)
         loss_compiled, _ = step(compiled, ids)

@@ -11,7 +11,7 @@ from ..plugins import ready_backend
 from ..record import Record, set_record
 from .adapter import adapter_index, load_saved_adapters
 from .files import recover_for_load
-from .manifest import check_loaded_layers, read_manifest
+from .manifest import MANIFEST, check_loaded_layers, read_manifest
 from .source import load_source
 
 
@@ -35,6 +35,13 @@ def load(path: str, *, trainable: bool = False):
             warnings.warn(f"{path!r} was saved with {backend.distribution} {backend_info['library_version']}; "
                           f"{installed} is installed", stacklevel=3)
     base = os.path.join(path, "base")
+    from ..hf import qadapt_only_backend
+
+    marked = qadapt_only_backend(base)  # hqq/inc bases say whose layout they hold
+    if marked is not None and marked != name:
+        raise CheckpointError(f"load {path!r}", f"base/ holds '{marked}' layers where {MANIFEST} names backend "
+                              f"{name!r}: {MANIFEST} names the wrong backend, or base/ is not qadapt's",
+                              "Save the model again with qadapt.save")
     try:
         if manifest.get("base_source"):  # saved by a sharded run: the base is the folder it was quantized from
             model = load_source(path, manifest["base_source"], backend, options)

@@ -142,7 +142,11 @@ def _check_folder(root: str, manifest: dict, asked: str) -> None:
     if manifest["adapter"] is not None and not any(name.startswith("adapter/") for name in files):
         raise CheckpointError(asked, f"{MANIFEST} records an adapter but lists no file of adapter/",
                               "Save the model again")
-    if not any(name.startswith("base/") for name in files):
+    if manifest.get("base_source") is not None:  # a sharded run's save: the base is its source folder (source.py)
+        if os.path.lexists(os.path.join(root, "base")):
+            raise CheckpointError(asked, f"{MANIFEST} names a base_source folder but the checkpoint holds base/ too",
+                                  "Save the model again")
+    elif not any(name.startswith("base/") for name in files):
         raise CheckpointError(asked, f"{MANIFEST} lists no file of base/", "Save the model again")
 
 
@@ -266,7 +270,10 @@ def schema_problems(manifest) -> list[str]:
                                     f"'dir' adapter or adapter/{name}")
                     break
             active = adapter.get("name") if isinstance(adapter, dict) else None
-            if index and active not in index:
+            if index and active is None:
+                problems.append(f"'adapter' is null but 'adapters' lists {len(index)} adapter(s): the manifest records "
+                                "no adapter but the folder holds adapter/")
+            elif index and active not in index:
                 problems.append("'adapter' (the active one) is not among 'adapters'")
     source = manifest.get("base_source")
     if source is not None and not (isinstance(source, dict) and _is_str(source.get("path"))

@@ -38,7 +38,7 @@ def run(args) -> int:
         else:
             for row in outcome["results"]:
                 opts = ",".join(f"{k}={v}" for k, v in row["options"].items())
-                arch = f"{row['architecture']:<10} " if architectures else ""
+                arch = f"{row.get('architecture', '-'):<10} " if architectures else ""
                 print(f"{row['backend']:<8} {opts:<26} {arch}{row.get('method', '-'):<8} {row.get('operation', '-'):<18} "
                       f"{row['outcome']:<20} {row.get('detail', '')}")
             print(f"\n{len(outcome['results'])} checks, {len(failed)} failed")

@@ -8,8 +8,6 @@ trainable parameters (``ignore_frozen_params``) moves the adapter alone, never t
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from ..errors import CheckpointError, IncompatibleError, InvalidOptionError
 
@@ -25,7 +23,8 @@ def save(model, path, *, overwrite: bool = False) -> str:
 
     from .._version import __version__
     from ..checkpoint import MANIFEST, PROVENANCE, FORMAT
-    from ..checkpoint.files import checksums, move_into_place, write_json
+    from ..checkpoint.files import SaveTarget, checksums, is_free, sizes, write_json
+    from ..checkpoint.manifest import check_adapter_name
     from ..plugins import backend_of
     from ..record import get_record
     from .launch import world
@@ -38,6 +37,7 @@ def save(model, path, *, overwrite: bool = False) -> str:
         raise InvalidOptionError(asked, "the model is not sharded by qadapt.distributed", "Use qadapt.save")
     if record.method is None:
         raise InvalidOptionError(asked, "the model has no adapter", "Attach and train one first")
+    check_adapter_name(record.adapter_name, asked)
     support = backend_of(record).capabilities(record.options)[(record.method, "save")]
     if not support:
         raise IncompatibleError(asked, support.reason, support.hint)
@@ -45,15 +45,18 @@ def save(model, path, *, overwrite: bool = False) -> str:
         raise CheckpointError(asked, "the base was not loaded from a folder, and a sharded run does not gather it",
                               "Load the base with qadapt.load(folder, ...) or qadapt.distributed.load_sharded")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+        # checked on every rank before the collective gather (and again, under the claim, on rank 0)
         raise CheckpointError(asked, "the path exists and is not empty; qadapt does not overwrite files unasked",
                               "Choose a new folder, or pass overwrite=True")
     state = _gather_adapter(model, inner, record)
     rank, _ = world()
     if rank == 0:
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
-        try:
+        # claimed, staged and moved into place like qadapt.save (qadapt/checkpoint/files.py)
+        with SaveTarget(path, asked) as target:
+            if not is_free(target.path) and not overwrite:
+                raise CheckpointError(asked, "the path exists and is not empty; qadapt does not overwrite files unasked",
+                                      "Choose a new folder, or pass overwrite=True")
+            staging = target.staging()
             adapter_dir = os.path.join(staging, "adapter")
             _write_adapter(inner, record, state, adapter_dir)
             write_json(os.path.join(adapter_dir, PROVENANCE), {"method": record.method, **record.describe()})
@@ -63,15 +66,14 @@ def save(model, path, *, overwrite: bool = False) -> str:
                 "backend": {"name": record.backend, "library_version": record.library_version,
                             "options": record.options},
                 "adapter": {"method": record.method, "name": record.adapter_name},
+                "adapters": {record.adapter_name: {"method": record.method, "dir": "adapter"}},
                 "merged": None,
                 "base_source": {"path": record.source, "files": checksums(record.source),
                                 "saved_by": f"a run sharded by {record.sharded}"},
                 "files": checksums(staging),
+                "sizes": sizes(staging),
             })
-            move_into_place(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            target.commit(staging, overwrite)
     if dist.is_initialized():
         dist.barrier()
     return path

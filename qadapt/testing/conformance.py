@@ -31,6 +31,8 @@ raise qadapt's error before any weight changes. Checks, per method:
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import tempfile
 import warnings
@@ -285,20 +287,32 @@ def _check_sharded(cells, model, fresh, batch) -> None:
             with distributed.one_process_group():
                 candidate = api.attach(fresh(), cells.method, **STRONG_INIT[cells.method])
                 candidate.train()
-                unsharded = candidate(input_ids=batch, labels=batch).loss.item()
+                with _same_random_draws():  # dropout (GPT-2's, OPT's configs): the same masks in both runs
+                    unsharded = candidate(input_ids=batch, labels=batch).loss.item()
                 keywords = {}
                 if engine == "zero3":  # DeepSpeed wraps the optimizer it steps
                     keywords["optimizer"] = torch.optim.AdamW([p for p in candidate.parameters() if p.requires_grad],
                                                               lr=1e-3)
                 wrapped = distributed.shard(candidate, engine, **keywords)
                 report = distributed.last_report(wrapped)
-                losses = _train_sharded(wrapped, engine, batch)
+                with _same_random_draws():
+                    losses = _train_sharded(wrapped, engine, batch)
             gap = abs(losses[0] - unsharded) / max(abs(unsharded), 1e-12)
             detail = (f"{report.layers} layers verified, payload gathered bit for bit ({report.payload_checked}); "
                       f"loss {losses[0]:.6g} vs unsharded {unsharded:.6g}")
             cells.record(operation, "passed" if gap < 1e-4 else "failed", detail)
         except Exception as exc:
             cells.record(operation, "failed", _describe(exc))
+
+
+@contextlib.contextmanager
+def _same_random_draws():
+    """Random draws (dropout masks) from the same seed inside; the caller's random state untouched outside."""
+    import torch
+
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        torch.manual_seed(0)
+        yield
 
 
 def _train_sharded(wrapped, engine, batch) -> list[float]:

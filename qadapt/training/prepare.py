@@ -62,6 +62,15 @@ def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, 
         return PrepareReport(mode="off", backend=get_record(model).backend or "none (full precision)",
                              model=type(inner).__name__)
     settings = resolve(mode, parts, loss_chunk)
+    fused = [part for part in ("lora", "mlp") if getattr(settings, part) == "fused"]
+    if settings.compile == "regional" and fused:
+        with_fused = " and ".join(f"{part}='fused'" for part in fused)
+        raise InvalidOptionError(
+            f"prepare(mode={mode!r}, compile='regional') with {with_fused}",
+            "torch.compile does not trace qadapt's fused LoRA Functions correctly: on the H200 (torch 2.11, "
+            "2026-12-01) a compiled decoder layer gave a wrongly shaped output and training stopped",
+            "Leave compile out (the default 'off'), or compile with PEFT's layers: lora='peft', mlp='off'",
+        )
     previous = inner.__dict__.pop(STATE, None)
     if previous is not None:
         previous.patches.undo()
