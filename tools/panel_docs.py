@@ -147,14 +147,44 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_moe(path: str) -> str:
+    """The GPU section: MoE memory before and after ``qadapt.load`` (``bench/moe_memory.py``'s record at ``path``)."""
+    if not os.path.exists(path):
+        return ""
+    with open(path) as handle:
+        record = json.load(handle)
+    lines = ["", "## MoE models on the GPU: memory before and after the load", "",
+             f"`{record.get('command', 'python bench/moe_memory.py')}` on {record.get('device', '?')} "
+             f"({', '.join(f'{k} {v}' for k, v in record.get('versions', {}).items())}; {record.get('seconds')} s). "
+             "Random weights built from the configs (the errors are about plumbing, not quality); LoRA on every "
+             "linear layer and on the fused experts, two AdamW steps; merge with policy 'fresh'.", "",
+             "| architecture | backend | matmul weights | before MiB (bits/w) | after MiB (bits/w) | quantized share | "
+             "kept in full precision | LoRA train peak GiB | merge output error | unmerge exact | save/reload error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in record.get("results", []):
+        if row.get("error"):
+            lines.append(f"| {row.get('architecture')} | {row.get('backend')} | failed: {row['error']} |" + " |" * 8)
+            continue
+        kept = "; ".join(item.split(" (")[0] for item in row.get("full_precision", [])) or "nothing"
+        before, after = row["before"], row["after"]
+        lines.append(f"| {row['architecture']} | {row['backend']} | {row['matmul_weights'] / 1e9:.2f} B | "
+                     f"{before['weights_mib']:,.0f} ({before['bits_per_weight']:g}) | "
+                     f"{after['weights_mib']:,.0f} ({after['bits_per_weight']:g}) | {after['quantized_share']:.1%} | "
+                     f"{kept} | {row.get('peak_train_gib')} | {row.get('merge_output_error')} | "
+                     f"{row.get('unmerge_exact')} | {row.get('reload_error')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("output")
+    parser.add_argument("--moe", default="docs/bench-results/moe-memory-h200.json",
+                        help="bench/moe_memory.py's GPU record, rendered as its own section (if the file exists)")
     args = parser.parse_args(argv)
     records = load(args.folder)
     with open(args.output, "w") as handle:
-        handle.write(render(records))
+        handle.write(render(records) + render_moe(args.moe))
     failed = any(cell["failures"] for record in records for cell in cells(record).values())
     print(f"wrote {args.output}" + (" (some cells FAILED)" if failed else ""))
     return 0
