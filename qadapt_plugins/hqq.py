@@ -24,6 +24,10 @@ WEIGHTS_FILE = "model.safetensors"
 THROUGH_PROXY = "PEFT has no HQQ layer for {}: qadapt presents HQQLinear as nn.Linear (forward unchanged)"
 
 
+#: groups of weights HQQ's bit-packing puts in one stored row, per bit width (hqq.core.bitpack; 3-bit pads instead)
+PACKED_ROWS = {8: 1, 4: 2, 3: 1, 2: 4, 1: 8}
+
+
 class HQQBackend(ShardingMembers, QuantBackend):
     name = "hqq"
     summary = "HQQ half-quadratic quantization (1-8 bits, no calibration)"
@@ -73,8 +77,21 @@ class HQQBackend(ShardingMembers, QuantBackend):
 
     def full_precision(self, model, options):
         from qadapt.hf import refuse_fused_experts
+        from qadapt.inventory import cannot, matmul_weights
 
-        return refuse_fused_experts(super().full_precision(model, options), model)
+        kept = refuse_fused_experts(super().full_precision(model, options), model)
+        # HQQ cuts a weight into rows of group_size (hqq.core.quantize: the element count must divide) and packs
+        # `rows` of those into one (bitpack: 4-bit halves the row count, 2-bit quarters it, 1-bit eighths it; 3-bit
+        # pads): a layer breaking either fails half-way through an in-place conversion, so it is declared here
+        group, rows = options["group_size"], PACKED_ROWS[options["bits"]]
+        for weight in matmul_weights(model):
+            if weight.kind in ("linear", "conv1d") and weight.name not in kept:
+                if weight.elements % group or (weight.elements // group) % rows:
+                    kept[weight.name] = cannot(
+                        f"{weight.shape[0]}x{weight.shape[1]} weights do not split into groups of {group}"
+                        + (f" packed {rows} to a row at {options['bits']} bits" if rows > 1 else "")
+                        + " (HQQ's layout); use a group_size that divides them")
+        return kept
 
     def quantize(self, model, options, calibration=None):
         from qadapt.hf import (default_device, load_full_precision, prepare_linear_layers, replace_module,

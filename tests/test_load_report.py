@@ -150,3 +150,20 @@ def test_moe_memory_counts_the_4bit_experts():
     assert storage_bytes(module) >= packed.numel() + absmax.numel()  # absmax: uint8 codes with double quant
     assert experts[0].bytes == storage_bytes(module.parametrizations.gate_up_proj)
     assert report.bits_per_weight < 8 and report.quantized_share > 0.9
+
+
+def test_hqq_layers_whose_weights_do_not_split_into_its_groups_are_refused_before_any_change():
+    """Was: group_size=128 on a 130-wide MLP converted the attention layers in place, then HQQ's bit-packing raised
+    a raw RuntimeError (issue 15, item 6): the model was left half-converted."""
+    backend_ready("hqq")
+    from qadapt.testing import toy
+
+    model = toy.build_model(hidden_size=64, intermediate_size=130, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, vocab_size=256)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(qadapt.ArchitectureError, match="do not split into groups of 128"):
+        qadapt.load(model, backend="hqq", group_size=128)
+    assert all(type(m).__name__ != "HQQLinear" for m in model.modules())
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    loaded = qadapt.load(model, backend="hqq", group_size=32)  # 130 x 64 = 260 groups of 32, an even count
+    assert [weight.name for weight in qadapt.load_report(loaded).full_precision] == ["lm_head"]
