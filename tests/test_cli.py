@@ -91,6 +91,9 @@ def test_inspect_says_what_a_checkpoint_holds(trained_checkpoint, capsys):
     assert found["kind"] == "qadapt checkpoint" and found["backend"]["name"] == "hqq"
     assert found["adapter"]["method"] == "lora" and found["quantized_layers"] == 14
     assert found["unquantized_linear_layers"] == ["lm_head"]
+    # the load report: bits per weight over every matmul weight, and why each full-precision one is
+    assert 4 < found["bits_per_weight"] < 16 and found["full_precision"] == {
+        "lm_head": "kept by design: output head: kept in full precision, as transformers' quantizers do"}
 
 
 def test_merge_refused_above_max_error_writes_nothing_and_exits_2(trained_checkpoint, capsys):
