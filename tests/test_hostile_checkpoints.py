@@ -431,6 +431,29 @@ def test_adapter_null_with_an_adapter_folder_is_refused(saved, tmp_path):
     refused(edited(saved, tmp_path, drop), "records no adapter but the folder holds adapter/")
 
 
+def test_the_keys_of_multi_adapter_and_sharded_checkpoints_are_checked(saved, tmp_path, tiny_dir):
+    """The manifest keys of issues 13 and 17: an adapter's folder must be adapter/ or adapter/<its name>; a sharded
+    run's base_source must be a folder with safetensors weights, its files inside it, and no base/ beside it."""
+    from qadapt.checkpoint.source import load_source
+
+    def outside(folder, manifest):
+        manifest["adapters"]["default"]["dir"] = "../elsewhere"
+        return manifest
+
+    refused(edited(saved, tmp_path / "a", outside), "'adapters' entry 'default' is not a plain name")
+
+    def both(folder, manifest):
+        manifest["base_source"] = {"path": str(tiny_dir), "files": {}}
+        return manifest
+
+    refused(edited(saved, tmp_path / "b", both), "names a base_source folder but the checkpoint holds base/ too")
+    hqq = qadapt.get_backend("hqq")
+    with pytest.raises(qadapt.CheckpointError, match="outside its folder"):
+        load_source("ckpt", {"path": str(tiny_dir), "files": {"../../etc/hostname": "0" * 64}}, hqq, {})
+    with pytest.raises(qadapt.InvalidOptionError, match="no safetensors weights|no config.json"):
+        load_source("ckpt", {"path": str(tmp_path), "files": {}}, hqq, {})
+
+
 def test_only_a_folder_with_qadapt_json_is_a_checkpoint(saved, tmp_path, tiny_dir):
     """Was: any folder with a base/ sub-folder was taken for a checkpoint (issue 15, 12)."""
     from qadapt.checkpoint import is_checkpoint
