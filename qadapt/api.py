@@ -73,8 +73,8 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         raise InvalidOptionError(f"load with backend={backend!r}", "a backend is named by a string",
                                  "Pass backend='name' (run `qadapt backends` for the list)")
     allow = _patterns(allow_unquantized)
-    if backend is not None:
-        ready_backend(backend, f"load with backend '{backend}'")  # a backend that cannot run here: said first
+    # a named backend that cannot run here is said first
+    quant = ready_backend(backend, f"load with backend '{backend}'") if backend is not None else None
     if isinstance(model, str) and backend is None and checkpoint.looks_like_checkpoint(model):
         raise CheckpointError(f"load {model!r}", f"{checkpoint.MANIFEST} is missing",
                               "Point at a folder written by qadapt.save")
@@ -99,7 +99,6 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
                                                                       if isinstance(model, str) else ""),
                 "Pass backend=... (run `qadapt backends` for the list), or a folder written by qadapt.save",
             )
-        quant = ready_backend(backend, f"load with backend '{backend}'")
         resolved = quant.validate_options(options)
         if not isinstance(model, str):
             inputs.refuse_converted(model, quant)

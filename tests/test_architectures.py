@@ -12,10 +12,7 @@ import torch
 import qadapt
 from qadapt.testing import check_backend, panel
 
-from .conftest import backend_ready
-
-#: the engine cells (train_fsdp2, train_zero3): passed, refused as declared or unavailable, never failed
-SHARDED = ("train_fsdp2", "train_zero3")
+from .conftest import ENGINE_CELLS, backend_ready
 
 #: the default suite's subset: biases + tied embeddings, Conv1D, an nn.Linear subclass, fused MoE experts
 ARCHITECTURES = ("qwen2", "gpt2", "falcon", "mixtral")
@@ -42,7 +39,7 @@ def test_the_kit_passes_or_refuses_before_any_work(arch, backend):
     if (arch, backend) in REFUSED:
         assert len(refused) == len(results) and REFUSED[(arch, backend)] in refused[0].detail
     else:
-        assert [r.outcome for r in results if r.operation not in SHARDED] == ["passed"] * 5
+        assert [r.outcome for r in results if r.operation not in ENGINE_CELLS] == ["passed"] * 5
 
 
 def test_panel_architectures_build_and_run():

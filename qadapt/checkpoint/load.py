@@ -7,6 +7,7 @@ import warnings
 
 from .. import scope
 from ..errors import CheckpointError, InvalidOptionError, QadaptError
+from ..hf import qadapt_only_backend
 from ..plugins import ready_backend
 from ..record import Record, set_record
 from .adapter import adapter_index, load_saved_adapters
@@ -35,8 +36,6 @@ def load(path: str, *, trainable: bool = False):
             warnings.warn(f"{path!r} was saved with {backend.distribution} {backend_info['library_version']}; "
                           f"{installed} is installed", stacklevel=3)
     base = os.path.join(path, "base")
-    from ..hf import qadapt_only_backend
-
     marked = qadapt_only_backend(base)  # hqq/inc bases say whose layout they hold
     if marked is not None and marked != name:
         raise CheckpointError(f"load {path!r}", f"base/ holds '{marked}' layers where {MANIFEST} names backend "

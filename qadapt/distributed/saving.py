@@ -44,7 +44,7 @@ def save(model, path, *, overwrite: bool = False) -> str:
     if record.source is None or not os.path.isdir(record.source):
         raise CheckpointError(asked, "the base was not loaded from a folder, and a sharded run does not gather it",
                               "Load the base with qadapt.load(folder, ...) or qadapt.distributed.load_sharded")
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+    if not is_free(path) and not overwrite:
         # checked on every rank before the collective gather (and again, under the claim, on rank 0)
         raise CheckpointError(asked, "the path exists and is not empty; qadapt does not overwrite files unasked",
                               "Choose a new folder, or pass overwrite=True")

@@ -31,8 +31,6 @@ def _option_sets(backend):
 
 
 def _unreadable(exc) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        raise exc
     return f"the backend's capability table could not be read ({type(exc).__name__}: {exc})"
 
 
@@ -43,6 +41,8 @@ def declared_rows(names=None) -> list[dict]:
         try:
             rows += _declared(name, backend)
         except BaseException as exc:  # noqa: BLE001 - one broken plugin's table must not hide the others'
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             reason = _unreadable(exc)
             rows += [{"backend": name, "options": {}, "method": method, "operation": operation, "supported": False,
                       "reason": reason, "hint": "run `qadapt doctor`; report it to the plugin's authors"}
@@ -81,6 +81,8 @@ def declared_architecture_rows(names=None, architectures=None) -> list[dict]:
         try:
             rows += _declared_architectures(name, backend, shapes)
         except BaseException as exc:  # noqa: BLE001 - one broken plugin's table must not hide the others'
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             reason = _unreadable(exc)
             rows += [{"backend": name, "options": {}, "architecture": arch, "supported": False, "reason": reason}
                      for arch in shapes]
