@@ -81,6 +81,7 @@ def run_backend(name, folder, args):
             row[f"{strategy}_s"] = round(time.perf_counter() - t, 2)
             row[f"{strategy}_error"] = report.output_error
             row[f"{strategy}_candidates"] = report.candidates
+            row[f"{strategy}_seconds"] = report.seconds  # per candidate policy
             qadapt.unmerge(model)
         except qadapt.QadaptError as exc:
             row[f"{strategy}_s"] = None
@@ -121,14 +122,16 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=2, default=str)
-    print("\n| backend | quantize s | train step s | merge (requantize) s | = steps | output error | merge (dequantize) s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| backend | quantize s | train step s | merge (requantize) s | = steps | s per policy | output error | merge (dequantize) s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['backend']} | error: {r['error'][:80]} | | | | | |")
+            print(f"| {r['backend']} | error: {r['error'][:80]} | | | | | | |")
             continue
+        per_policy = ", ".join(f"{name} {sec:.1f}" for name, sec in (r.get("requantize_seconds") or {}).items())
         print(f"| {r['backend']} | {r['quantize_s']} | {r['step_s']} | {r.get('requantize_s')} | "
-              f"{r.get('requantize_in_steps', '-')} | {r.get('requantize_error', float('nan')):.3g} | {r.get('dequantize_s')} |")
+              f"{r.get('requantize_in_steps', '-')} | {per_policy} | {r.get('requantize_error', float('nan')):.3g} | "
+              f"{r.get('dequantize_s')} |")
 
 
 if __name__ == "__main__":

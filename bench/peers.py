@@ -100,7 +100,8 @@ def run_parent(args) -> int:
         meta.update(build)
         log(f"[build] {meta['params']:,} parameters in {meta['build_s']:.0f} s")
         left = args.budget - (time.monotonic() - started)
-        run_rows(__file__, names, ["--size", size, "--folder", folder], left, folder, args.out, meta, rows, _report)
+        common = ["--size", size, "--folder", folder] + (["--trace-memory"] if args.trace_memory else [])
+        run_rows(__file__, names, common, left, folder, args.out, meta, rows, _report)
     log(markdown([(meta, rows)]))
     return 0
 
@@ -115,6 +116,11 @@ def _report(row):
         return
     log(f"[{row['setting']}] {row['tokens_per_s']:,.0f} tok/s, peak {_gib(row['peak_gib'])} GiB, after load "
         f"{_gib(row['after_load_gib'])} GiB, loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}")
+    trace = row.get("memory_at_peak")
+    if trace:
+        log(f"  alive at the peak of one step ({trace['peak_gib']:.2f} GiB; {trace['before_gib']:.2f} GiB from before it):")
+        for size, place in trace["places"]:
+            log(f"    {size}  {place}")
 
 
 # ---------------------------------------------------------------------------------------------------- children
@@ -141,7 +147,7 @@ def run_row(args) -> dict:
         torch.cuda.synchronize()
         row["after_load_gib"] = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-    row.update(train(model, args.size, cuda))
+    row.update(train(model, args.size, cuda, trace_memory=args.trace_memory and cuda))
     if cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -218,9 +224,12 @@ def build_unsloth(args, spec):
     return model, {"load_s": time.perf_counter() - start}
 
 
-def train(model, size_name, cuda):
-    """AdamW on the trainable parameters, the same random batches for every row: step times and losses."""
+def train(model, size_name, cuda, trace_memory=False):
+    """AdamW on the trainable parameters, the same random batches for every row: step times and losses (and with
+    ``trace_memory``, what is alive at the peak of the first timed step: bench/_memory_trace.py)."""
     import torch
+
+    import _memory_trace
 
     size = sizes()[size_name]
     warmup, timed = STEPS[size_name]
@@ -231,9 +240,12 @@ def train(model, size_name, cuda):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
-    times, losses = [], []
-    for index in range(warmup + timed):
+    times, losses, extra = [], [], {}
+    for index in range(warmup + timed + (1 if trace_memory else 0)):
         ids = batches[index % len(batches)]
+        tracing = trace_memory and index == warmup + timed  # one more step after the timed ones: not timed
+        if tracing:
+            _memory_trace.start()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -243,11 +255,14 @@ def train(model, size_name, cuda):
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        if tracing:
+            extra["memory_at_peak"] = _memory_trace.stop_and_summarize()
+            continue
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     step = statistics.median(times[warmup:])
     return {"tokens_per_s": size["batch"] * size["seq"] / step, "step_s_median": step, "step_s_all": times,
-            "losses": losses, "trainable_params": sum(p.numel() for p in trainable), "first_step_s": times[0]}
+            "losses": losses, "trainable_params": sum(p.numel() for p in trainable), "first_step_s": times[0], **extra}
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -286,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="results JSON, rewritten after every row")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole run (rows not started in "
                         "time are recorded as skipped)")
+    parser.add_argument("--trace-memory", action="store_true", help="record the allocator's history over the first "
+                        "timed step and put what is alive at its peak, by the line that allocated it, in each row (GPU)")
     add_internal_arguments(parser)
     return dispatch(parser.parse_args(argv), run_parent, run_row, markdown)
 

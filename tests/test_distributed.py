@@ -389,6 +389,27 @@ def test_bf16_storage_survives_sharding_on_cuda_bit_for_bit(tmp_path):
 
 
 @pytest.mark.gpu
+def test_streaming_into_shards_on_cuda_gives_the_bytes_and_losses_of_a_whole_load(tiny_dir):
+    """The skeleton's buffers (rotary inv_freq) are made on the host: they must reach the rank's GPU before sharding
+    (the 8B run of 2026-12-01 found load_sharded refused on CUDA for that)."""
+    backend_ready("bnb")
+    from qadapt.distributed.fsdp2 import gathered_fingerprints
+    from qadapt.distributed.layers import snapshot
+
+    with qd.one_process_group():
+        whole = qadapt.attach(qadapt.load(str(tiny_dir), backend="bnb"), "lora", r=8)
+        expected = {(n, p): facts.fingerprint for n, layer in snapshot(whole, qadapt.get_backend("bnb")).items()
+                    for p, facts in layer.payload.items()}
+        streamed = qd.load_sharded(str(tiny_dir), "bnb", adapter={"r": 8})
+        assert {t.device.type for t in streamed.buffers()} == {"cuda"}
+        gathered = gathered_fingerprints(streamed, qadapt.get_backend("bnb"))
+        assert expected and all(gathered[key] == fingerprint for key, fingerprint in expected.items())
+        losses = train(streamed)
+    _, reference, _ = one_process(str(tiny_dir), "bnb")
+    assert all(abs(a - b) < 1e-4 for a, b in zip(losses, reference)), (losses, reference)
+
+
+@pytest.mark.gpu
 def test_fsdp2_cpu_offload_keeps_the_quantized_state(tiny_dir):
     backend_ready("bnb")
     with qd.one_process_group():

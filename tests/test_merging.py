@@ -166,9 +166,10 @@ def test_default_merge_keeps_the_policy_with_the_lowest_output_error(backend, op
     assert set(report.candidates) == {"fresh", "best+inputs"}
     assert report.output_error == min(report.candidates.values()) <= report.candidates["fresh"]
     assert report.policy == min(report.candidates, key=report.candidates.get)
+    assert set(report.seconds) == set(report.candidates) and all(s > 0 for s in report.seconds.values())
     qadapt.unmerge(model)
     forced = qadapt.merge(model, calibration=batches[0], policy="fresh")
-    assert forced.policy == "fresh" and forced.candidates == {}
+    assert forced.policy == "fresh" and forced.candidates == {} and set(forced.seconds) == {"fresh"}
     assert forced.output_error == pytest.approx(report.candidates["fresh"])
 
 

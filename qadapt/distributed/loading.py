@@ -78,9 +78,15 @@ def load_sharded(path, backend: str, *, method: str = "lora", target_modules="al
                              source=os.path.abspath(path)))
     peft_model = api.attach(model, method, target_modules=target_modules, **(adapter or {}))
     buffers = {name: tensor.clone() for name, tensor in base_model(peft_model).named_buffers()}
+    device = torch.device(default_device())
+    # the buffers were made on the host at construction (the parameters are on meta): on this rank's device before
+    # sharding, which refuses a model with parts elsewhere (their values are put back after to_empty below)
+    for module in base_model(peft_model).modules():
+        for key, tensor in module._buffers.items():
+            if tensor is not None and tensor.device.type != "meta":
+                module._buffers[key] = tensor.to(device)
     shard(peft_model, "fsdp2", mixed_precision=mixed_precision, reshard_after_forward=reshard_after_forward,
           check_payload=False)
-    device = torch.device(default_device())
     peft_model.to_empty(device=device)
     inner = base_model(peft_model)
     with torch.no_grad():

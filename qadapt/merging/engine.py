@@ -3,6 +3,8 @@ with it, and the candidate with the lowest output error is kept (or refused abov
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
 from ..hf import replace_module
@@ -269,8 +271,6 @@ def full_precision_linear(base, weight, inner):
 def merge(model, record, backend, strategy: str, *, max_error=None, calibration=None, policy=None):
     """Merge the active adapter of ``model`` (checked by the caller against the capability table), keep the best
     candidate, refuse above ``max_error`` with nothing changed; return the :class:`MergeReport`."""
-    import math
-
     import torch
 
     from ..errors import MergeRefusedError
@@ -306,15 +306,19 @@ def merge(model, record, backend, strategy: str, *, max_error=None, calibration=
                                     f"the merged weight of {not_finite[0]} holds NaN or infinite values (the adapter "
                                     f"does: {len(not_finite)} layer(s)); nothing was changed",
                                     "Check the training (learning rate, loss scaling), or keep the adapter separate")
-        tried = [build(model, inner, backend, strategy, candidate, found, hessians, batch, reference, steps)
-                 for candidate in plan]
+        tried, seconds = [], {}
+        for candidate in plan:
+            started = time.perf_counter()
+            tried.append(build(model, inner, backend, strategy, candidate, found, hessians, batch, reference, steps))
+            seconds[candidate.label] = round(time.perf_counter() - started, 3)
     best = tried[0]
     for built in tried[1:]:
         if built.output_error < best.output_error:
             best = built
     report = MergeReport(record.backend or "none", record.method, strategy, best.output_error, best.max_abs_error,
                          best.layers, policy=best.candidate.label,
-                         candidates={b.candidate.label: b.output_error for b in tried} if len(tried) > 1 else {})
+                         candidates={b.candidate.label: b.output_error for b in tried} if len(tried) > 1 else {},
+                         seconds=seconds)
     if not math.isfinite(best.output_error):
         raise MergeRefusedError(
             f"merge {record.method!r} with strategy={strategy!r}",

@@ -26,6 +26,7 @@ class MergeReport:
     layers: list[LayerMerge] = field(default_factory=list)
     policy: str = ""  # the re-quantization policy kept ("fresh", "best", "best+inputs"), where there was a choice
     candidates: dict = field(default_factory=dict)  # output error of each policy tried
+    seconds: dict = field(default_factory=dict)  # how long building and measuring each policy's layers took
 
     @property
     def mean_kept(self) -> float:

@@ -147,31 +147,35 @@ def sorted_code(code):
     return order, (ordered[1:] + ordered[:-1]) / 2
 
 
-def blockwise_4bit(target, absmax_candidates, code, chunk: int = 4096):
+def blockwise_4bit(target, absmax_candidates, code, elements: int = 1 << 22):
     """For each block (row of ``target``, shape (blocks, blocksize)) and each candidate absmax (blocks, k), the
     nearest 4-bit codes; returns (codes (blocks, blocksize), chosen candidate index (blocks,), its error (blocks,)).
 
-    De-quantization is ``code[q] * absmax`` in float32, as bitsandbytes does.
+    De-quantization is ``code[q] * absmax`` in float32, as bitsandbytes does. Works on ``elements`` candidate values
+    at a time (in place where it can: this search is most of a bitsandbytes merge's time on CPU).
     """
     import torch
 
     blocks, k = absmax_candidates.shape
+    n = target.shape[1]
     best_q = torch.empty(target.shape, dtype=torch.uint8, device=target.device)
     best_k = torch.empty(blocks, dtype=torch.long, device=target.device)
     best_e = torch.empty(blocks, dtype=torch.float32, device=target.device)
-    step = max(1, chunk * 64 // (k * target.shape[1]))
-    table = sorted_code(code)
+    order, mids = sorted_code(code)
+    ordered = code[order]
+    step = max(1, elements // (k * n))
     for start in range(0, blocks, step):
         t = target[start : start + step]  # (b, n)
         a = absmax_candidates[start : start + step].float()  # (b, k)
         safe = torch.where(a.abs() > 0, a, torch.ones_like(a))
-        q = nearest_code((t.unsqueeze(1) / safe.unsqueeze(2)).clamp(-1, 1), code, table)  # (b, k, n)
-        deq = code[q] * a.unsqueeze(2)
-        err = (deq - t.unsqueeze(1)).pow(2).sum(dim=2)  # (b, k)
-        e, idx = err.min(dim=1)
+        x = (t.unsqueeze(1) / safe.unsqueeze(2)).clamp_(-1, 1)  # (b, k, n)
+        rank = torch.bucketize(x, mids, out_int32=True)  # index into the sorted table
+        error = ordered[rank].mul_(a.unsqueeze(2)).sub_(t.unsqueeze(1)).square_().sum(dim=2)  # (b, k)
+        e, idx = error.min(dim=1)
         best_k[start : start + step] = idx
         best_e[start : start + step] = e
-        best_q[start : start + step] = torch.gather(q, 1, idx.view(-1, 1, 1).expand(-1, 1, q.shape[2])).squeeze(1).to(torch.uint8)
+        chosen = torch.gather(rank, 1, idx.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1).long()
+        best_q[start : start + step] = order[chosen].to(torch.uint8)
     return best_q, best_k, best_e
 
 
@@ -201,14 +205,14 @@ def gptq_on_grid(target, hessian, round_column, damp: float = 0.01, block: int =
         end = min(start + block, columns)
         part = weight[:, start:end].clone()
         errors = torch.empty_like(part)
-        for i in range(end - start):
+        for i in range(end - start):  # few kernels per column: on a GPU this loop is bound by their launches
             j = start + i
             column = part[:, i]
             rounded = round_column(j, column)
             out[:, j] = rounded
-            error = (column - rounded) / hinv[j, j]
-            part[:, i + 1 :] -= error.unsqueeze(1) * hinv[j, j + 1 : end].unsqueeze(0)
-            errors[:, i] = error
+            error = errors[:, i]
+            torch.sub(column, rounded, out=error).div_(hinv[j, j])
+            part[:, i + 1 :].addr_(error, hinv[j, j + 1 : end], alpha=-1)
         if end < columns:
             weight[:, end:] -= errors @ hinv[start:end, end:]
     return out
@@ -226,7 +230,7 @@ def affine_columns(scale, zero, qmin, qmax):
 
     def round_column(j, values):
         s, z = scale[:, j], zero[:, j]
-        return (torch.clamp(torch.round(values / s + z), qmin, qmax) - z) * s
+        return torch.round(values / s + z).clamp_(qmin, qmax).sub_(z).mul_(s)
 
     return round_column
 
@@ -235,12 +239,12 @@ def codebook_columns(absmax, code):
     """``round_column`` for bitsandbytes' ``code[q] * absmax`` with a per-element map ``absmax`` (out, in)."""
     import torch
 
-    table = sorted_code(code)
+    order, mids = sorted_code(code)
+    ordered = code[order]
+    safe = torch.where(absmax.abs() > 0, absmax, torch.ones_like(absmax))
 
     def round_column(j, values):
-        a = absmax[:, j]
-        safe = torch.where(a.abs() > 0, a, torch.ones_like(a))
-        return code[nearest_code((values / safe).clamp(-1, 1), code, table)] * a
+        return ordered[torch.bucketize((values / safe[:, j]).clamp_(-1, 1), mids)].mul_(absmax[:, j])
 
     return round_column
 

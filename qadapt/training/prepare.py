@@ -126,6 +126,8 @@ def plan(model, settings):
     report = PrepareReport(mode=settings.mode, backend=record.backend or "none (full precision)",
                            model=type(inner).__name__)
     on_cuda = getattr(inner, "device", None) is not None and inner.device.type == "cuda"
+    # each step binds what it applies as a default argument: the names (chosen, found, ...) are reused by later
+    # parts, and a closure would read the last part's list (the fused MLP patched the norms, then nothing)
     steps = []
     has_adapter = isinstance(model, peft.PeftModel) or bool(getattr(inner, "peft_config", None))
 
@@ -136,7 +138,7 @@ def plan(model, settings):
         part.how = "float32 for the half-precision parameters outside quantized layers (norms, embeddings, head)"
         part.modules = [name for name, _ in params]
         part.notes.append("a checkpoint saved from this model stores them in float32")
-        steps.append(lambda p: dtypes.upcast(p, params))
+        steps.append(lambda p, params=params: dtypes.upcast(p, params))
     elif settings.upcast == "auto":
         part.notes.append(f"nothing to upcast: the model is {inner.dtype} ('all' would cast bfloat16 too)")
     if not has_adapter:
@@ -157,7 +159,7 @@ def plan(model, settings):
             part.modules = [n for n, _ in compiling.layers(inner)]
             if settings.checkpoint == "offload" and not on_cuda:
                 part.notes.append("not on CUDA: the host copy is a plain copy in the same memory")
-            steps.append(lambda p: checkpointing.enable(p, inner, settings.checkpoint))
+            steps.append(lambda p, how=settings.checkpoint: checkpointing.enable(p, inner, how))
     part = report.add(PartReport("input_grads", "on" if settings.input_grads else "off"))
     if settings.input_grads:
         if inner.get_input_embeddings() is None:
@@ -178,7 +180,7 @@ def plan(model, settings):
             part.how = "qadapt LoRALinearFn (base + adapter in one Function), weight " + (
                 "kept from the forward for the backward" if keep else "de-quantized again in the backward")
             part.modules = [n for n, _ in fused]
-            steps.append(lambda p: [lora.fuse(p, layer, backend, keep) for _, layer in fused])
+            steps.append(lambda p, fused=fused, keep=keep: [lora.fuse(p, layer, backend, keep) for _, layer in fused])
     part = report.add(PartReport("dequant", settings.dequant))
     if settings.dequant != "backend":
         under_fused = {id(unwrap(layer.get_base_layer())) for _, layer in fused}
@@ -194,7 +196,7 @@ def plan(model, settings):
             part.how = "qadapt FrozenLinearFn through the backend's training route, weight " + (
                 "kept for the backward" if keep else "de-quantized again in the backward")
             part.modules = [n for n, _ in routed]
-            steps.append(lambda p: [dequant.route(p, m, backend, keep) for _, m in routed])
+            steps.append(lambda p, routed=routed, keep=keep: [dequant.route(p, m, backend, keep) for _, m in routed])
         elif fused and not part.fallbacks:
             part.notes.append("every quantized layer runs inside a fused LoRA layer")
 
@@ -208,7 +210,7 @@ def plan(model, settings):
             part.how = "qadapt LoRASwiGLUFn (saves x, gate and up; silu(gate) * up recomputed in the backward" + (
                 ", Liger's SwiGLU kernels there)" if on_cuda and mlp._liger_swiglu() else ")")
             part.modules = [n for n, _ in chosen]
-            steps.append(lambda p: [mlp.fuse(p, m) for _, m in chosen])
+            steps.append(lambda p, chosen=chosen: [mlp.fuse(p, m) for _, m in chosen])
 
     # lean RMSNorm
     part = report.add(PartReport("norm", settings.norm))
@@ -226,7 +228,8 @@ def plan(model, settings):
             part.how = "Liger's RMSNorm kernel (casting mode 'llama')" if liger else "qadapt RMSNormFn (torch)" + (
                 ", its output recomputed by the fused layers after it instead of kept" if recomputable else "")
             part.modules = [n for n, _ in chosen]
-            steps.append(lambda p: [norm.lean(p, m, liger, recomputable) for _, m in chosen])
+            steps.append(lambda p, chosen=chosen, liger=liger, recomputable=recomputable:
+                         [norm.lean(p, m, liger, recomputable) for _, m in chosen])
 
     # the loss
     part = report.add(PartReport("loss", settings.loss))
@@ -246,7 +249,7 @@ def plan(model, settings):
                 part.notes.extend(notes)
                 if fallback:
                     part.fallbacks[""] = fallback + "; qadapt's chunked torch loss runs instead"
-                steps.append(lambda p: loss.install(p, inner, report, summed, chunk))
+                steps.append(lambda p, summed=summed, chunk=chunk: loss.install(p, inner, report, summed, chunk))
 
     # regional compilation
     part = report.add(PartReport("compile", settings.compile))
@@ -257,7 +260,7 @@ def plan(model, settings):
         else:
             part.how = "torch.compile on each decoder layer (the first steps compile)"
             part.modules = [n for n, _ in found]
-            steps.append(lambda p: compiling.compile_layers(p, found))
+            steps.append(lambda p, found=found: compiling.compile_layers(p, found))
     return report, steps
 
 
