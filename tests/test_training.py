@@ -141,6 +141,15 @@ def test_every_module_the_report_names_runs_its_fused_function(backend):
     assert found["SiluBackward0"] == 0 and found["ChunkedLinearCEBackward"] == 1
     assert all(name.endswith("mlp") for name in mlps) and all(name.endswith("norm") for name in norms)
 
+    routed = adapted(backend)  # PEFT's layers over the de-quantization route: one FrozenLinearFn per routed layer
+    report = qadapt.prepare(routed, "fast", lora="peft", mlp="off", strict=True)
+    routed.train()
+    found = functions_in_graph(routed(input_ids=batch(), labels=batch(), use_cache=False).loss)
+    if backend is None:
+        assert report.parts["dequant"].modules == [] and found["FrozenLinearFnBackward"] == 0
+    else:  # layer 0's q/k/v read the first norm's output, which needs no gradient: no node for them
+        assert found["FrozenLinearFnBackward"] == len(report.parts["dequant"].modules) - 3 == 11
+
 @pytest.mark.parametrize("backend", [None, "bnb"])
 def test_bfloat16_fast_is_no_further_from_float32_than_the_plain_path(backend):
     ids = batch()
