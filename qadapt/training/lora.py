@@ -3,7 +3,7 @@
 PEFT (0.21) keeps adapter weights in float32 and casts each LoRA layer's input to it before ``lora_A``, which saves
 that fp32 copy for the backward: q, k and v each save their own (3 x hidden x 4 bytes per token where 1 x hidden x 2
 would do), and that is 51 % of everything a Llama-3-8B LoRA step keeps for its backward (9.5 of 18.6 GiB at 4 x 512
-tokens; /work/scratch/fast/NOTES.md). :class:`LoRALinearFn` computes ``x W^T + b + s (x A^T) B^T`` in the layer's
+tokens, counted on CPU with saved-tensor hooks; qadapt.memory_model). :class:`LoRALinearFn` computes ``x W^T + b + s (x A^T) B^T`` in the layer's
 compute dtype, saves only ``x`` (the very tensor its siblings save) and the r-wide ``x A^T``, and de-quantizes ``W``
 through the backend's training route in the forward and again in the backward, so no weight-sized tensor lives
 across the step. Gradients of A and B come back in the adapter's dtype. The adapter branch runs in the compute dtype
