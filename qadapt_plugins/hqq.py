@@ -17,15 +17,11 @@ from qadapt.backend import Option, QuantBackend
 from qadapt.capabilities import declare, yes
 from qadapt.hookspecs import hookimpl
 from qadapt.merging.requant import POLICIES
-from qadapt_plugins._hqq_shards import SHARDED, ShardingMembers
+from qadapt_plugins._hqq_shards import CODES_PER_ROW, SHARDED, ShardingMembers
 
 LAYOUT_FILE = "hqq_layers.json"
 WEIGHTS_FILE = "model.safetensors"
 THROUGH_PROXY = "PEFT has no HQQ layer for {}: qadapt presents HQQLinear as nn.Linear (forward unchanged)"
-
-
-#: groups of weights HQQ's bit-packing puts in one stored row, per bit width (hqq.core.bitpack; 3-bit pads instead)
-PACKED_ROWS = {8: 1, 4: 2, 3: 1, 2: 4, 1: 8}
 
 
 class HQQBackend(ShardingMembers, QuantBackend):
@@ -83,7 +79,8 @@ class HQQBackend(ShardingMembers, QuantBackend):
         # HQQ cuts a weight into rows of group_size (hqq.core.quantize: the element count must divide) and packs
         # `rows` of those into one (bitpack: 4-bit halves the row count, 2-bit quarters it, 1-bit eighths it; 3-bit
         # pads): a layer breaking either fails half-way through an in-place conversion, so it is declared here
-        group, rows = options["group_size"], PACKED_ROWS[options["bits"]]
+        group = options["group_size"]
+        rows = 1 if options["bits"] == 3 else CODES_PER_ROW[options["bits"]]  # 3-bit pads its int32 rows
         for weight in matmul_weights(model):
             if weight.kind in ("linear", "conv1d") and weight.name not in kept:
                 if weight.elements % group or (weight.elements // group) % rows:

@@ -87,13 +87,13 @@ def _loaded(folder: str, found: dict) -> dict:
     quantized = [name for name, module in inner.named_modules() if backend.is_quantized_layer(module)]
     linear = [name for name, module in inner.named_modules() if isinstance(module, torch.nn.Linear)
               and not any(name == q or name.startswith(q + ".") for q in quantized) and not _adapter_part(name, inner)]
-    found = {"loaded": True, "quantized_layers": len(quantized), "unquantized_linear_layers": linear,
-             "weight_bytes": storage_bytes(inner)}
+    loaded = {"loaded": True, "quantized_layers": len(quantized), "unquantized_linear_layers": linear,
+              "weight_bytes": storage_bytes(inner)}
     report = qadapt.load_report(model)  # every matmul weight: quantized, or kept in full precision and why
     if report is not None:
-        found.update(bits_per_weight=round(report.bits_per_weight, 3), quantized_share=round(report.quantized_share, 4),
-                     full_precision={weight.name: f"{weight.status}: {weight.reason}" for weight in report.full_precision})
-    return found
+        loaded.update(bits_per_weight=round(report.bits_per_weight, 3), quantized_share=round(report.quantized_share, 4),
+                      full_precision={weight.name: f"{weight.status}: {weight.reason}" for weight in report.full_precision})
+    return loaded
 
 
 def _adapter_part(name: str, inner) -> bool:

@@ -130,21 +130,15 @@ def best_groups(target, candidates, deq):
 
 
 # ------------------------------------------------------------------------------------------ bitsandbytes 4-bit
-def nearest_code(x, code, _sorted=None):
-    """Index of the nearest value of the 1-D ``code`` for each element of ``x``."""
-    import torch
-
-    order, mids = _sorted or sorted_code(code)
-    return order[torch.bucketize(x.contiguous(), mids)]
-
-
 def sorted_code(code):
-    """``(order, midpoints)`` of a code table, for :func:`nearest_code` in a loop (sorted once, not per call)."""
+    """``(order, ordered, midpoints)`` of a 1-D code table: ``ordered = code[order]`` ascending, and the midpoints
+    between neighbours, so that ``order[torch.bucketize(x, midpoints)]`` is the index of the nearest code (sorted
+    once, not per call)."""
     import torch
 
     order = torch.argsort(code)
     ordered = code[order]
-    return order, (ordered[1:] + ordered[:-1]) / 2
+    return order, ordered, (ordered[1:] + ordered[:-1]) / 2
 
 
 def blockwise_4bit(target, absmax_candidates, code, elements: int = 1 << 22):
@@ -161,8 +155,7 @@ def blockwise_4bit(target, absmax_candidates, code, elements: int = 1 << 22):
     best_q = torch.empty(target.shape, dtype=torch.uint8, device=target.device)
     best_k = torch.empty(blocks, dtype=torch.long, device=target.device)
     best_e = torch.empty(blocks, dtype=torch.float32, device=target.device)
-    order, mids = sorted_code(code)
-    ordered = code[order]
+    order, ordered, mids = sorted_code(code)
     step = max(1, elements // (k * n))
     for start in range(0, blocks, step):
         t = target[start : start + step]  # (b, n)
@@ -239,8 +232,7 @@ def codebook_columns(absmax, code):
     """``round_column`` for bitsandbytes' ``code[q] * absmax`` with a per-element map ``absmax`` (out, in)."""
     import torch
 
-    order, mids = sorted_code(code)
-    ordered = code[order]
+    _, ordered, mids = sorted_code(code)
     safe = torch.where(absmax.abs() > 0, absmax, torch.ones_like(absmax))
 
     def round_column(j, values):
