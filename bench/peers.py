@@ -44,8 +44,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 #: name -> how the row is built. kind: "qadapt" (qadapt.load + attach [+ prepare]), "raw" (transformers + PEFT by
 #: hand), "unsloth"
 ROWS = {
+    # "fast" on CUDA: compile="auto" is CUDA graphs over each compiled decoder layer
     "qadapt-nf4-fast": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast"),
     "unsloth-nf4": dict(kind="unsloth", checkpointing=False),
+    "qadapt-nf4-fast-eager": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast", parts={"compile": "off"}),
     "qadapt-nf4-lean": dict(kind="qadapt", backend="bnb", options=NF4, prepare="lean"),
     "unsloth-nf4-offload": dict(kind="unsloth", checkpointing="unsloth"),
     # the normed inputs of q/k/v and the MLP recomputed instead of kept (qadapt's torch RMSNorm, not Liger's): -1 GiB
@@ -63,12 +65,14 @@ ROWS = {
     "qadapt-nf4-default": dict(kind="qadapt", backend="bnb", options=NF4, prepare="default"),
     "qadapt-nf4-fast-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
                                     parts={"compile": "regional"}),
+    "qadapt-nf4-lean-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="lean",
+                                    parts={"compile": "regional"}),
 }
-ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-lean", "unsloth-nf4-offload", "qadapt-nf4-fast-normrecompute",
+ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-fast-eager", "qadapt-nf4-lean", "unsloth-nf4-offload", "qadapt-nf4-fast-normrecompute",
          "bf16-peft", "qadapt-nf4",
          "qadapt-hqq-fast", "qadapt-torchao-fast", "nf4-raw", "qadapt-hqq", "qadapt-torchao", "qadapt-bf16-fast"]
 #: the plain path each prepared row is compared with (the switch's gain)
-PLAIN = {"qadapt-nf4-fast": "qadapt-nf4", "qadapt-nf4-lean": "qadapt-nf4", "qadapt-nf4-fast-normrecompute": "qadapt-nf4",
+PLAIN = {"qadapt-nf4-fast": "qadapt-nf4", "qadapt-nf4-fast-eager": "qadapt-nf4", "qadapt-nf4-lean-compile": "qadapt-nf4", "qadapt-nf4-lean": "qadapt-nf4", "qadapt-nf4-fast-normrecompute": "qadapt-nf4",
          "qadapt-nf4-default": "qadapt-nf4", "qadapt-nf4-fast-compile": "qadapt-nf4", "qadapt-hqq-fast": "qadapt-hqq",
          "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft"}
 STEPS = {"8b": (2, 6), "full": (3, 10), "tiny": (1, 3)}  # (warm-up, timed)
@@ -100,7 +104,8 @@ def run_parent(args) -> int:
         meta.update(build)
         log(f"[build] {meta['params']:,} parameters in {meta['build_s']:.0f} s")
         left = args.budget - (time.monotonic() - started)
-        common = ["--size", size, "--folder", folder] + (["--trace-memory"] if args.trace_memory else [])
+        common = ["--size", size, "--folder", folder] + (["--trace-memory"] if args.trace_memory else []) \
+            + (["--profile-kernels"] if args.profile_kernels else [])
         run_rows(__file__, names, common, left, folder, args.out, meta, rows, _report)
     log(markdown([(meta, rows)]))
     return 0
@@ -116,6 +121,14 @@ def _report(row):
         return
     log(f"[{row['setting']}] {row['tokens_per_s']:,.0f} tok/s, peak {_gib(row['peak_gib'])} GiB, after load "
         f"{_gib(row['after_load_gib'])} GiB, loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}")
+    kernels = row.get("kernels")
+    if kernels:
+        log(f"  kernels: {kernels['kernel_ms']:.1f} ms in {kernels['launches']} launches, GPU busy "
+            f"{kernels['busy']:.0%} of the {kernels['wall_ms']:.1f} ms step; by kind: "
+            + ", ".join(f"{k} {ms:.1f} ms/{n}" for k, ms, n in kernels["by_kind"]))
+        for name, ms, n in kernels["top"][:12]:
+            log(f"    {ms:8.2f} ms {n:6d}x  {name}")
+        log("  host (self CPU ms under the profiler): " + ", ".join(f"{op} {ms:.1f}" for op, ms in kernels["host_top"][:10]))
     trace = row.get("memory_at_peak")
     if trace:
         log(f"  alive at the peak of one step ({trace['peak_gib']:.2f} GiB; {trace['before_gib']:.2f} GiB from before it):")
@@ -147,7 +160,8 @@ def run_row(args) -> dict:
         torch.cuda.synchronize()
         row["after_load_gib"] = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-    row.update(train(model, args.size, cuda, trace_memory=args.trace_memory and cuda))
+    row.update(train(model, args.size, cuda, trace_memory=args.trace_memory and cuda,
+                     profile_kernels=args.profile_kernels and cuda))
     if cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -224,11 +238,13 @@ def build_unsloth(args, spec):
     return model, {"load_s": time.perf_counter() - start}
 
 
-def train(model, size_name, cuda, trace_memory=False):
+def train(model, size_name, cuda, trace_memory=False, profile_kernels=False):
     """AdamW on the trainable parameters, the same random batches for every row: step times and losses (and with
-    ``trace_memory``, what is alive at the peak of the first timed step: bench/_memory_trace.py)."""
+    ``trace_memory``, what is alive at the peak of one more step: bench/_memory_trace.py; with ``profile_kernels``,
+    where the GPU time of one more step goes: bench/_kernel_profile.py)."""
     import torch
 
+    import _kernel_profile
     import _memory_trace
 
     size = sizes()[size_name]
@@ -241,11 +257,14 @@ def train(model, size_name, cuda, trace_memory=False):
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
     times, losses, extra = [], [], {}
-    for index in range(warmup + timed + (1 if trace_memory else 0)):
+    extras = [name for name, on in (("trace", trace_memory), ("profile", profile_kernels)) if on]
+    for index in range(warmup + timed + len(extras)):
         ids = batches[index % len(batches)]
-        tracing = trace_memory and index == warmup + timed  # one more step after the timed ones: not timed
-        if tracing:
+        extra_step = extras[index - warmup - timed] if index >= warmup + timed else None  # after the timed ones
+        if extra_step == "trace":
             _memory_trace.start()
+        elif extra_step == "profile":
+            profiler = _kernel_profile.start()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -255,8 +274,11 @@ def train(model, size_name, cuda, trace_memory=False):
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        if tracing:
+        if extra_step == "trace":
             extra["memory_at_peak"] = _memory_trace.stop_and_summarize()
+            continue
+        if extra_step == "profile":  # busy against the timed median: the profiler slows the host
+            extra["kernels"] = _kernel_profile.stop_and_summarize(profiler, statistics.median(times[warmup:]))
             continue
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
@@ -303,6 +325,8 @@ def main(argv=None) -> int:
                         "time are recorded as skipped)")
     parser.add_argument("--trace-memory", action="store_true", help="record the allocator's history over the first "
                         "timed step and put what is alive at its peak, by the line that allocated it, in each row (GPU)")
+    parser.add_argument("--profile-kernels", action="store_true", help="profile one more step and put its GPU time by "
+                        "kernel and kind of work, and how busy the GPU was, in each row (GPU)")
     add_internal_arguments(parser)
     return dispatch(parser.parse_args(argv), run_parent, run_row, markdown)
 

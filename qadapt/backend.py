@@ -175,6 +175,11 @@ class QuantBackend(abc.ABC):
     requantize_policies: tuple[str, ...] = ()
     #: True if :meth:`requantize` takes ``hessian=`` (the layer's input statistics) to round with them
     requantize_uses_inputs: bool = False
+    #: True once the layers of :meth:`training_dequantizer` were seen, on a GPU, to train the same inside
+    #: ``torch.compile(fullgraph=True)`` with CUDA graphs (qadapt's GPU tests): ``qadapt.prepare``'s
+    #: ``compile="auto"`` then compiles each decoder layer with CUDA graphs; False: "auto" leaves it off and says so
+    #: (``compile="graphs"`` or ``"regional"`` still try, and stop at the first step if dynamo cannot trace the route)
+    training_route_compiles: bool = False
     #: the PEFT LoRA dispatchers (``peft.tuners.lora.model.dispatch_*``) this backend's layers need; qadapt stubs the
     #: others while attaching, because PEFT imports every installed backend library on every attach (seconds).
     #: ``()``: PEFT's default ``nn.Linear`` dispatch (or :meth:`peft_layer_types`) is enough; ``None``: full dispatch

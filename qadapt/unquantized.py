@@ -14,6 +14,7 @@ class Unquantized(QuantBackend):
     name = "none"
     summary = "full precision (no quantization)"
     peft_dispatchers = ()  # plain nn.Linear layers: PEFT's default dispatch
+    training_route_compiles = True  # compiled with CUDA graphs on the H200 (docs/gpu-runs.md, 2026-12-01)
 
     def capabilities(self, options):
         return declare(

@@ -36,6 +36,7 @@ class BitsAndBytesBackend(ShardingMembers, QuantBackend):
     distribution = "bitsandbytes"
     install_hint = "pip install 'bitsandbytes>=0.45'  (the `bnb` extra of qadapt-lm)"
     requantize_policies = POLICIES
+    training_route_compiles = True  # compiled with CUDA graphs on the H200 (docs/gpu-runs.md, 2026-12-01)
     requantize_uses_inputs = True
     peft_dispatchers = ("dispatch_bnb_8bit", "dispatch_bnb_4bit")
     matrix_variants = ({"bits": 4}, {"bits": 4, "quant_type": "fp4", "double_quant": False}, {"bits": 8})

@@ -32,6 +32,7 @@ class HQQBackend(ShardingMembers, QuantBackend):
     install_hint = "pip install 'hqq>=0.2.5' termcolor  (the `hqq` extra of qadapt-lm)"
     proxy_methods = ("vera", "adalora", "ia3")
     requantize_policies = POLICIES
+    training_route_compiles = True  # compiled with CUDA graphs on the H200 (docs/gpu-runs.md, 2026-12-01)
     requantize_uses_inputs = True
     peft_dispatchers = ("dispatch_hqq",)
     demo_options = {"bits": 4, "group_size": 64}

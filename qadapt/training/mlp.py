@@ -5,7 +5,8 @@ transformers' Llama MLP under PEFT saves four intermediate-wide tensors per laye
 SiLU, SiLU's output and up's output for the product, and down_proj's LoRA copy of the product): 5.25 GiB at
 Llama-3-8B, 4 x 512 tokens. :class:`LoRASwiGLUFn` keeps ``x``, ``e = gate(x)`` and ``g = up(x)`` and recomputes
 ``h = silu(e) * g`` in the backward (3.5 GiB less at 8B). On CUDA with liger-kernel installed, the backward's
-elementwise part is Liger's SwiGLU kernels (in place over ``e`` and ``g``); elsewhere plain torch in float32.
+elementwise part is Liger's SwiGLU kernels (in place over ``e`` and ``g``); elsewhere, and inside a compiled layer,
+plain torch in float32.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class LoRASwiGLUFn(torch.autograd.Function):
         (gdeq, gs), (udeq, us), (ddeq, ds) = ctx.routes
         dtype = x.dtype
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).to(dtype)
-        liger = _liger_swiglu() if e.is_cuda else None
+        # Liger's kernels in eager mode; compiled, the torch arithmetic below (inductor fuses it; dynamo does not
+        # trace Liger's launcher)
+        liger = _liger_swiglu() if e.is_cuda and not torch.compiler.is_compiling() else None
         acc = torch.promote_types(dtype, torch.float32)  # half precision in float32, float64 as it is
         if liger is not None:
             h = liger[0](e, g)[2]

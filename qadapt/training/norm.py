@@ -47,7 +47,10 @@ class RMSNormFn(torch.autograd.Function):
 
 def stash(x) -> tuple:
     """What a Function saves for its input ``x``: ``(x,)``, or where ``x`` is a recomputable lean norm's output, that
-    norm's ``(input, rstd, weight)`` (already kept by the norm: nothing more is kept)."""
+    norm's ``(input, rstd, weight)`` (already kept by the norm: nothing more is kept). Under ``torch.compile`` (which
+    cannot read ``grad_fn``) always ``(x,)``: ``prepare`` does not combine ``norm="recompute"`` with compilation."""
+    if torch.compiler.is_compiling():
+        return (x,)
     node = x.grad_fn
     if node is not None and getattr(node, "qadapt_recomputable", False):
         return tuple(node.saved_tensors)

@@ -42,7 +42,8 @@ def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, 
     a bool), ``input_grads`` (bool), ``upcast`` ("auto", "all", "none"), ``lora`` ("peft", "fused"), ``mlp`` ("off",
     "fused"), ``norm`` ("off", "lean", "recompute": qadapt's torch norm whose output the fused layers after it
     recompute instead of keeping, 1 GiB less at Llama-3-8B, without checkpointing only), ``loss`` ("off", "auto",
-    "liger", "cce", "torch"), ``compile`` ("off", "regional": each decoder layer compiled), ``dequant`` ("backend",
+    "liger", "cce", "torch"), ``compile`` ("off", "regional": each decoder layer compiled, "graphs": that with CUDA graphs, "auto": "graphs" on
+    CUDA without checkpointing, else "off"), ``dequant`` ("backend",
     "recompute", "cache": keep the de-quantized weight from the forward for the backward, faster, at bf16 weight
     memory), ``loss_chunk`` (rows per loss chunk).
 
@@ -62,15 +63,6 @@ def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, 
         return PrepareReport(mode="off", backend=get_record(model).backend or "none (full precision)",
                              model=type(inner).__name__)
     settings = resolve(mode, parts, loss_chunk)
-    fused = [part for part in ("lora", "mlp") if getattr(settings, part) == "fused"]
-    if settings.compile == "regional" and fused:
-        with_fused = " and ".join(f"{part}='fused'" for part in fused)
-        raise InvalidOptionError(
-            f"prepare(mode={mode!r}, compile='regional') with {with_fused}",
-            "torch.compile does not trace qadapt's fused LoRA Functions correctly: on the H200 (torch 2.11, "
-            "2026-12-01) a compiled decoder layer gave a wrongly shaped output and training stopped",
-            "Leave compile out (the default 'off'), or compile with PEFT's layers: lora='peft', mlp='off'",
-        )
     previous = inner.__dict__.pop(STATE, None)
     if previous is not None:
         previous.patches.undo()
@@ -129,6 +121,7 @@ def plan(model, settings):
     # each step binds what it applies as a default argument: the names (chosen, found, ...) are reused by later
     # parts, and a closure would read the last part's list (the fused MLP patched the norms, then nothing)
     steps = []
+    compiled, compile_note = _compile_choice(settings, on_cuda, backend)  # compiled: the torch paths run (inductor fuses them)
     has_adapter = isinstance(model, peft.PeftModel) or bool(getattr(inner, "peft_config", None))
 
     # dtypes and freezing (PEFT's kbit preparation)
@@ -208,7 +201,7 @@ def plan(model, settings):
                            "no module with gate_proj, up_proj, down_proj and act_fn (not a SwiGLU MLP model)")
         if chosen:
             part.how = "qadapt LoRASwiGLUFn (saves x, gate and up; silu(gate) * up recomputed in the backward" + (
-                ", Liger's SwiGLU kernels there)" if on_cuda and mlp._liger_swiglu() else ")")
+                ", Liger's SwiGLU kernels there)" if on_cuda and not compiled and mlp._liger_swiglu() else ")")
             part.modules = [n for n, _ in chosen]
             steps.append(lambda p, chosen=chosen: [mlp.fuse(p, m) for _, m in chosen])
 
@@ -220,7 +213,10 @@ def plan(model, settings):
         if settings.norm == "recompute" and settings.checkpoint != "off":
             part.fallbacks[""] = (f"norm='recompute' needs checkpoint='off' (under checkpoint={settings.checkpoint!r} "
                                   "the norm keeps its output; the layer inputs are all that is kept anyway)")
-        if on_cuda and settings.norm == "lean":
+        if on_cuda and settings.norm == "lean" and compiled:
+            part.notes.append("qadapt's torch RMSNormFn, fused by inductor inside each compiled layer (Liger's kernel "
+                              "is not traced by torch.compile)")
+        elif on_cuda and settings.norm == "lean":
             liger, why = norm.liger_rms_norm()
             if liger is None:
                 part.notes.append(f"qadapt's torch RMSNormFn instead of Liger's kernel: {why}")
@@ -253,15 +249,41 @@ def plan(model, settings):
 
     # regional compilation
     part = report.add(PartReport("compile", settings.compile))
-    if settings.compile == "regional":
+    if compile_note:
+        part.notes.append(compile_note)
+    if compiled:
         found = compiling.layers(inner)
         if not found:
             part.fallbacks[""] = "no decoder layers (GradientCheckpointingLayer) to compile"
         else:
-            part.how = "torch.compile on each decoder layer (the first steps compile)"
+            graphs = compiled == "graphs"
+            part.how = ("torch.compile(fullgraph=True" + (", mode='reduce-overhead': CUDA graphs" if graphs else "")
+                        + ") on each decoder layer (the first steps compile; anything dynamo cannot trace stops the "
+                        "first step with its error)")
             part.modules = [n for n, _ in found]
-            steps.append(lambda p, found=found: compiling.compile_layers(p, found))
+            if graphs:
+                part.notes.append("each new batch shape compiles and records again: pad or pack batches to a few "
+                                  "fixed lengths")
+            steps.append(lambda p, found=found, graphs=graphs: compiling.compile_layers(p, found, graphs))
     return report, steps
+
+
+def _compile_choice(settings, on_cuda, backend):
+    """(what compiles: "", "regional" or "graphs"; a note on how "auto" or "graphs" resolved, or "")."""
+    if settings.compile == "auto":
+        if not backend.training_route_compiles:
+            return "", (f"auto: not compiled: backend '{backend.name}' has not been verified under torch.compile "
+                        "(QuantBackend.training_route_compiles); compile='graphs' tries it")
+        if not on_cuda:
+            return "", "auto: not compiled off CUDA (CUDA graphs are what pays; CPU steps are not launch-bound)"
+        if settings.checkpoint != "off":
+            return "", "auto: not compiled under checkpointing (compile='regional' compiles the checkpointed layers)"
+        if settings.norm == "recompute":
+            return "", "auto: not compiled with norm='recompute' (torch.compile cannot read the grad_fn it relies on)"
+        return "graphs", "auto: CUDA graphs (the model is on CUDA and not checkpointed)"
+    if settings.compile == "graphs" and not on_cuda:
+        return "regional", "graphs: CUDA graphs need CUDA; compiled without them (mode 'default')"
+    return ("" if settings.compile == "off" else settings.compile), ""
 
 
 def _eligible(part, found, why_not, none_found):

@@ -15,7 +15,7 @@ CHOICES = {
     "mlp": ("off", "fused"),
     "norm": ("off", "lean", "recompute"),
     "loss": ("off", "auto", "liger", "cce", "torch"),
-    "compile": ("off", "regional"),
+    "compile": ("off", "auto", "regional", "graphs"),
     "dequant": ("backend", "recompute", "cache"),
 }
 
@@ -26,9 +26,9 @@ MODES = {
     "default": dict(checkpoint="recompute", input_grads=True, upcast="auto", lora="peft", mlp="off", norm="off",
                     loss="off", compile="off", dequant="backend"),
     "fast": dict(checkpoint="off", input_grads=False, upcast="auto", lora="fused", mlp="fused", norm="lean",
-                 loss="auto", compile="off", dequant="recompute"),
+                 loss="auto", compile="auto", dequant="recompute"),
 }
-MODES["lean"] = dict(MODES["fast"], checkpoint="offload")
+MODES["lean"] = dict(MODES["fast"], checkpoint="offload", compile="off")
 #: booleans accepted for parts with an "off" choice
 _ON = {"checkpoint": "recompute", "mlp": "fused", "norm": "lean", "loss": "auto", "compile": "regional"}
 
@@ -73,6 +73,16 @@ def resolve(mode: str, parts: dict, loss_chunk=None) -> Settings:
         raise InvalidOptionError("prepare(lora='fused', dequant='backend')", "the fused LoRA layers de-quantize "
                                  "through the backend's training route; dequant='backend' leaves every layer to the "
                                  "backend's own forward", "Pass dequant='recompute' (or 'cache'), or lora='peft'")
+    if chosen["compile"] == "graphs" and chosen["checkpoint"] != "off":
+        raise InvalidOptionError(f"prepare(compile='graphs', checkpoint={chosen['checkpoint']!r})",
+                                 "a CUDA graph replays a fixed sequence of kernels; a checkpointed layer runs once "
+                                 "without gradients and again in the backward", "Pass compile='regional', or "
+                                 "checkpoint='off'")
+    if chosen["compile"] in ("regional", "graphs") and chosen["norm"] == "recompute":
+        raise InvalidOptionError(f"prepare(compile={chosen['compile']!r}, norm='recompute')",
+                                 "the fused layers find a recomputable norm output through its grad_fn, which "
+                                 "torch.compile cannot read", "Use norm='lean' (inductor fuses the norm inside the "
+                                 "compiled layer), or compile='off'")
     if loss_chunk is not None and (isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 1):
         raise InvalidOptionError(f"prepare(loss_chunk={loss_chunk!r})", "expected a positive number of rows",
                                  "Leave it out: qadapt sizes the chunks from the vocabulary (256 MiB of logits)")
@@ -93,7 +103,8 @@ _HELP = {
             "only); 'off'",
     "loss": "'auto': Liger's fused linear cross-entropy on CUDA, else cut-cross-entropy, else qadapt's chunked torch "
             "loss; or name one; 'off'",
-    "compile": "'regional': torch.compile each decoder layer; 'off'",
+    "compile": "'regional': torch.compile each decoder layer; 'graphs': that with CUDA graphs (mode "
+               "'reduce-overhead'; CUDA, no checkpointing); 'auto': 'graphs' where it can run, else 'off'; 'off'",
     "dequant": "'recompute': de-quantize again in the backward; 'cache': keep the forward's weight for the backward "
                "(faster, bf16 weight memory); 'backend': each layer's own forward",
 }
