@@ -68,13 +68,14 @@ ROWS = {
     "qadapt-nf4-lean-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="lean",
                                     parts={"compile": "regional"}),
 }
-ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-fast-eager", "qadapt-nf4-lean", "unsloth-nf4-offload", "qadapt-nf4-fast-normrecompute",
-         "bf16-peft", "qadapt-nf4",
-         "qadapt-hqq-fast", "qadapt-torchao-fast", "nf4-raw", "qadapt-hqq", "qadapt-torchao", "qadapt-bf16-fast"]
+ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-fast-eager", "qadapt-nf4-lean", "unsloth-nf4-offload",
+         "qadapt-nf4-fast-normrecompute", "bf16-peft", "qadapt-nf4", "qadapt-hqq-fast", "qadapt-torchao-fast", "nf4-raw",
+         "qadapt-hqq", "qadapt-torchao", "qadapt-bf16-fast"]
 #: the plain path each prepared row is compared with (the switch's gain)
-PLAIN = {"qadapt-nf4-fast": "qadapt-nf4", "qadapt-nf4-fast-eager": "qadapt-nf4", "qadapt-nf4-lean-compile": "qadapt-nf4", "qadapt-nf4-lean": "qadapt-nf4", "qadapt-nf4-fast-normrecompute": "qadapt-nf4",
-         "qadapt-nf4-default": "qadapt-nf4", "qadapt-nf4-fast-compile": "qadapt-nf4", "qadapt-hqq-fast": "qadapt-hqq",
-         "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft"}
+PLAIN = {name: "qadapt-nf4" for name in ("qadapt-nf4-fast", "qadapt-nf4-fast-eager", "qadapt-nf4-lean",
+                                         "qadapt-nf4-lean-compile", "qadapt-nf4-fast-normrecompute",
+                                         "qadapt-nf4-default", "qadapt-nf4-fast-compile")}
+PLAIN.update({"qadapt-hqq-fast": "qadapt-hqq", "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft"})
 STEPS = {"8b": (2, 6), "full": (3, 10), "tiny": (1, 3)}  # (warm-up, timed)
 
 

@@ -28,7 +28,7 @@ def compile_layers(patches, found, graphs: bool = False) -> None:
 def _without_cse(compiled, *args, **kwargs):
     """Run ``compiled`` with AOT autograd's CSE off while it compiles: a fused Function de-quantizes its weight in the
     forward and again in the backward; CSE makes the two one node, which the partitioner then saves for the backward
-    (a custom op is not recomputed): every de-quantized weight kept, 25.8 GiB instead of 12.9 at Llama-3-8B (H200,
+    (a custom op is not recomputed): every de-quantized weight kept, 25.8 GiB instead of 12.8 at Llama-3-8B (H200,
     2026-12-01). Without CSE the backward's de-quantization stays in the backward."""
     import torch._functorch.config as functorch_config
 

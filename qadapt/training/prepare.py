@@ -42,10 +42,10 @@ def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, 
     a bool), ``input_grads`` (bool), ``upcast`` ("auto", "all", "none"), ``lora`` ("peft", "fused"), ``mlp`` ("off",
     "fused"), ``norm`` ("off", "lean", "recompute": qadapt's torch norm whose output the fused layers after it
     recompute instead of keeping, 1 GiB less at Llama-3-8B, without checkpointing only), ``loss`` ("off", "auto",
-    "liger", "cce", "torch"), ``compile`` ("off", "regional": each decoder layer compiled, "graphs": that with CUDA graphs, "auto": "graphs" on
-    CUDA without checkpointing, else "off"), ``dequant`` ("backend",
-    "recompute", "cache": keep the de-quantized weight from the forward for the backward, faster, at bf16 weight
-    memory), ``loss_chunk`` (rows per loss chunk).
+    "liger", "cce", "torch"), ``compile`` ("off", "regional": each decoder layer compiled, "graphs": that with CUDA
+    graphs, "auto": "graphs" on CUDA without checkpointing where the backend declares its route compiles, else
+    "off"), ``dequant`` ("backend", "recompute", "cache": keep the de-quantized weight from the forward for the
+    backward, faster, at bf16 weight memory), ``loss_chunk`` (rows per loss chunk).
 
     A part that cannot apply somewhere (an architecture whose module computes something else, a layer whose backend
     has no training route, a library not installed) falls back to the plain path there and the report says so;
@@ -121,7 +121,8 @@ def plan(model, settings):
     # each step binds what it applies as a default argument: the names (chosen, found, ...) are reused by later
     # parts, and a closure would read the last part's list (the fused MLP patched the norms, then nothing)
     steps = []
-    compiled, compile_note = _compile_choice(settings, on_cuda, backend)  # compiled: the torch paths run (inductor fuses them)
+    # inside compiled layers the torch paths run (inductor fuses them), not Liger's kernels
+    compiled, compile_note = _compile_choice(settings, on_cuda, backend)
     has_adapter = isinstance(model, peft.PeftModel) or bool(getattr(inner, "peft_config", None))
 
     # dtypes and freezing (PEFT's kbit preparation)
