@@ -35,17 +35,18 @@ def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, 
     layers that de-quantize again in the backward (``lora="fused"``, ``dequant="recompute"``), a fused SwiGLU MLP
     (``mlp="fused"``), a lean RMSNorm (``norm="lean"``, Liger's kernel on CUDA), a loss that never materialises the
     logits (``loss="auto"``: Liger's fused linear cross-entropy on CUDA, else cut-cross-entropy, else qadapt's
-    chunked torch loss). ``"lean"``: ``"fast"`` with the layer inputs offloaded to host memory
-    (``checkpoint="offload"``). ``"off"``: undo a previous call.
+    chunked torch loss), and on CUDA each decoder layer compiled with CUDA graphs (``compile="auto"``). ``"lean"``:
+    ``"fast"`` with the layer inputs offloaded to host memory (``checkpoint="offload"``; compiled without graphs).
+    ``"off"``: undo a previous call.
 
     Every part can be set on its own (``None``: the mode's choice): ``checkpoint`` ("off", "recompute", "offload" or
     a bool), ``input_grads`` (bool), ``upcast`` ("auto", "all", "none"), ``lora`` ("peft", "fused"), ``mlp`` ("off",
     "fused"), ``norm`` ("off", "lean", "recompute": qadapt's torch norm whose output the fused layers after it
     recompute instead of keeping, 1 GiB less at Llama-3-8B, without checkpointing only), ``loss`` ("off", "auto",
     "liger", "cce", "torch"), ``compile`` ("off", "regional": each decoder layer compiled, "graphs": that with CUDA
-    graphs, "auto": "graphs" on CUDA without checkpointing where the backend declares its route compiles, else
-    "off"), ``dequant`` ("backend", "recompute", "cache": keep the de-quantized weight from the forward for the
-    backward, faster, at bf16 weight memory), ``loss_chunk`` (rows per loss chunk).
+    graphs, "auto": on CUDA "graphs", or "regional" under checkpointing, where the backend declares its route
+    compiles, else "off"), ``dequant`` ("backend", "recompute", "cache": keep the de-quantized weight from the
+    forward for the backward, faster, at bf16 weight memory), ``loss_chunk`` (rows per loss chunk).
 
     A part that cannot apply somewhere (an architecture whose module computes something else, a layer whose backend
     has no training route, a library not installed) falls back to the plain path there and the report says so;
@@ -277,8 +278,8 @@ def _compile_choice(settings, on_cuda, backend):
                         "(QuantBackend.training_route_compiles); compile='graphs' tries it")
         if not on_cuda:
             return "", "auto: not compiled off CUDA (CUDA graphs are what pays; CPU steps are not launch-bound)"
-        if settings.checkpoint != "off":
-            return "", "auto: not compiled under checkpointing (compile='regional' compiles the checkpointed layers)"
+        if settings.checkpoint != "off":  # a checkpointed layer runs twice, differently: no CUDA graphs
+            return "regional", "auto: compiled without CUDA graphs under checkpointing"
         if settings.norm == "recompute":
             return "", "auto: not compiled with norm='recompute' (torch.compile cannot read the grad_fn it relies on)"
         return "graphs", "auto: CUDA graphs (the model is on CUDA and not checkpointed)"

@@ -28,7 +28,7 @@ MODES = {
     "fast": dict(checkpoint="off", input_grads=False, upcast="auto", lora="fused", mlp="fused", norm="lean",
                  loss="auto", compile="auto", dequant="recompute"),
 }
-MODES["lean"] = dict(MODES["fast"], checkpoint="offload", compile="off")
+MODES["lean"] = dict(MODES["fast"], checkpoint="offload")
 #: booleans accepted for parts with an "off" choice
 _ON = {"checkpoint": "recompute", "mlp": "fused", "norm": "lean", "loss": "auto", "compile": "regional"}
 
@@ -104,7 +104,8 @@ _HELP = {
     "loss": "'auto': Liger's fused linear cross-entropy on CUDA, else cut-cross-entropy, else qadapt's chunked torch "
             "loss; or name one; 'off'",
     "compile": "'regional': torch.compile each decoder layer; 'graphs': that with CUDA graphs (mode "
-               "'reduce-overhead'; CUDA, no checkpointing); 'auto': 'graphs' where it can run, else 'off'; 'off'",
+               "'reduce-overhead'; CUDA, no checkpointing); 'auto': on CUDA 'graphs', or 'regional' under "
+               "checkpointing, where the backend's route is known to compile, else 'off'; 'off'",
     "dequant": "'recompute': de-quantize again in the backward; 'cache': keep the forward's weight for the backward "
                "(faster, bf16 weight memory); 'backend': each layer's own forward",
 }
