@@ -76,8 +76,9 @@ def tests(session):
 @nox.session(tags=["distributed"])
 def distributed(session):
     """The heavier multi-process runs (torchrun, DeepSpeed ZeRO-3, accelerate, memory per rank): tests marked
-    `distributed`; DeepSpeed comes from the `deepspeed` extra (it builds its communication op with ninja once)."""
-    install(session, "bnb", "hqq", "deepspeed")
+    `distributed`, with bnb, hqq and torchao; DeepSpeed comes from the `deepspeed` extra (it builds its communication
+    op with ninja once)."""
+    install(session, "bnb", "hqq", "torchao", "deepspeed")
     pytest(session, "tests", "-m", "distributed and not gpu")
 
 

@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/sharded_qlora.py --model MODEL_DIR --backend bnb --out OUT
     torchrun --nproc-per-node 2 examples/sharded_qlora.py --model MODEL_DIR --backend hqq --stream --out OUT
+    torchrun --nproc-per-node 2 examples/sharded_qlora.py --model MODEL_DIR --backend torchao --option scheme=nf4 --out OUT
     deepspeed --num_gpus 2 examples/sharded_qlora.py --model MODEL_DIR --backend bnb --engine zero3 --out OUT
     accelerate launch --num_processes 2 examples/sharded_qlora.py --model MODEL_DIR --backend bnb --out OUT   (GPUs)
     python examples/sharded_qlora.py --model MODEL_DIR --backend bnb --out OUT      (one process, the same code path)

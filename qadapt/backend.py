@@ -407,6 +407,14 @@ class QuantBackend(abc.ABC):
         Default: ``("weight",)``."""
         return ("weight",)
 
+    def sharding_problems(self, model: "torch.nn.Module", options: dict[str, Any], engine: str,
+                          world_size: int) -> list[str]:
+        """Why this ``model`` (quantized by this backend with ``options``, adapter attached) cannot be sharded by
+        ``engine`` across ``world_size`` processes, one sentence per problem; :func:`qadapt.distributed.shard` refuses
+        with them before any work. For limits the capability table cannot state because they depend on the model or
+        the number of processes (e.g. shapes that must split evenly). Default: none."""
+        return []
+
     def quant_state_tensors(self, module: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
         """The tensors besides the payload that one quantized layer's forward reads (scales, code tables), by name:
         the state that must survive sharding unchanged (FSDP2 keeps it whole on every rank). Default: none (tensor

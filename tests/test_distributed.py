@@ -72,9 +72,9 @@ def eval_loss(model, rank=0, world=1):
     return value.item()
 
 
-def one_process(folder, backend):
+def one_process(folder, backend, **options):
     """The reference: the same model, adapter initialisation and data in one process."""
-    model = qadapt.attach(qadapt.load(folder, backend=backend), "lora", r=8)
+    model = qadapt.attach(qadapt.load(folder, backend=backend, **options), "lora", r=8)
     qd.deterministic_lora_init(model)
     return model, train(model), eval_loss(model)
 
@@ -151,6 +151,73 @@ def test_adapter_saved_once_loads_in_one_process_and_merges(two_ranks, tiny_dir)
     assert abs(eval_loss(reloaded) - ranks[0]["bnb"]["eval"]) < LOSS_TOLERANCE
     report = qadapt.merge(reloaded, "dequantize")
     assert report.output_error < 1e-4
+
+
+def _nf4_two_ranks(rank, world, folder, out):
+    """Every rank: torchao's NF4 loaded whole, sharded, trained, saved."""
+    model = qadapt.attach(qadapt.load(folder, backend="torchao", scheme="nf4"), "lora", r=8)
+    qd.deterministic_lora_init(model)
+    model = qd.shard(model)
+    found = {"report": qd.last_report(model).to_dict(), "losses": train(model, rank, world),
+             "eval": eval_loss(model, rank, world)}
+    qd.save(model, out)
+    return found
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory, tokenizer):
+    """A 256-wide tiny Llama: every weight's NF4 scale groups (64 x 256 weights each) split between 2 ranks."""
+    from qadapt.testing import toy
+
+    return toy.save_model(toy.build_model(hidden_size=256, intermediate_size=512),
+                          tmp_path_factory.mktemp("wide") / "llama", tokenizer)
+
+
+def test_torchao_nf4_trains_sharded_from_two_ranks_like_one_unsharded_process(wide_dir, tmp_path):
+    """The reference trains without an engine: FSDP2 cannot shard NF4 in one process (refused, the next test)."""
+    backend_ready("torchao")
+    out = str(tmp_path / "adapter")
+    ranks = spawn(_nf4_two_ranks, 2, wide_dir, out)
+    from qadapt.distributed.layers import quantized_layers, tensor_bytes
+
+    reference, losses, final = one_process(wide_dir, "torchao", scheme="nf4")
+    whole = sum(tensor_bytes(m.weight) for m in quantized_layers(reference, qadapt.get_backend("torchao")).values())
+    for rank in ranks:
+        assert max(abs(a - b) for a, b in zip(rank["losses"], losses)) < LOSS_TOLERANCE
+        report = rank["report"]
+        assert report["problems"] == [] and report["layers"] == 14 and report["payload_checked"] == 14
+        # the codes and scales halve; NF4Tensor's 16-value table and scale mean (68 bytes a layer) are on both ranks
+        assert report["payload_bytes"] == (whole - 68 * 14) // 2 + 68 * 14
+        assert report["global_payload_bytes"] == 2 * report["payload_bytes"]  # the ranks' shares together
+    reloaded = qadapt.load(out)  # one process: the base quantized again from its folder, the adapter put on it
+    assert abs(eval_loss(reloaded) - ranks[0]["eval"]) < LOSS_TOLERANCE
+    assert abs(eval_loss(reloaded) - final) < LOSS_TOLERANCE
+
+
+def test_torchao_nf4_is_refused_in_one_process_and_on_shapes_that_do_not_split(tiny_dir, wide_dir):
+    backend_ready("torchao")
+    from qadapt.testing.conformance import _same, _snapshot
+
+    torchao = qadapt.get_backend("torchao")
+    options = torchao.validate_options({"scheme": "nf4"})
+    model = qadapt.attach(qadapt.load(str(tiny_dir), backend="torchao", scheme="nf4"), "lora", r=8)
+    before = _snapshot(model)
+    with qd.one_process_group():
+        with pytest.raises(ShardingError, match="cannot be sharded by FSDP2 in one process"):
+            qd.shard(model)
+    assert _same(before, _snapshot(model)) and qadapt.distributed.last_report(model) is None
+    # the attention's 128 x 128 weights are one NF4 scale group each (no two equal shares; the MLP's are two); the
+    # 256-wide model's split in 2 and 4
+    problems = torchao.sharding_problems(model, options, "fsdp2", 2)
+    assert len(problems) == 8 and all("_proj" in p and "attn" in p for p in problems), problems
+    wide = qadapt.attach(qadapt.load(wide_dir, backend="torchao", scheme="nf4"), "lora", r=8)
+    assert torchao.sharding_problems(wide, options, "fsdp2", 2) == []
+    assert torchao.sharding_problems(wide, options, "fsdp2", 4) == []
+    assert "do not divide into 3" in torchao.sharding_problems(wide, options, "fsdp2", 3)[0]
+    # NF4 loads whole, then shards: FSDP2 reads NF4Tensor's scale mean and code table from the tensor it sharded, so
+    # a skeleton filled later would all-gather the skeleton's (tried: meta tensors, caught by the payload check)
+    with pytest.raises(IncompatibleError, match="cannot build empty layers"):
+        qd.load_sharded(wide_dir, "torchao", scheme="nf4")
 
 
 # ---------------------------------------------------------------------------------------------- refusals (one process)
@@ -360,10 +427,10 @@ def test_cpu_offload_of_parts_with_a_custom_map(tiny_dir):
 
 
 
-def test_torchao_nf4_tensor_does_not_shard_with_these_versions(tiny_dir):
-    """Why torchao offers no sharded scheme (docs/distributed.md): its Int8Tensor has no FSDP2 extension, and the
-    NF4Tensor that has one fails under torch 2.13's FSDP2 at one process (its world-size-1 shortcut passes one of the
-    three inner tensors) and, at two, on shapes whose scaler blocks do not split. When this fails, look again."""
+def test_fsdp2_still_cannot_shard_nf4_in_one_process(tiny_dir):
+    """The upstream limit behind qadapt's refusal of NF4 in one process (torchao.sharding_problems): torch 2.13's
+    FSDP2 skips the all-gather at world size 1 and passes only the first of NF4Tensor's three inner tensors. When this
+    fails (a fixed torch), lift the refusal and let the conformance kit run the cell in one process."""
     backend_ready("torchao")
     from torch.distributed.fsdp import fully_shard
     from torchao.prototype._nf4tensor_api import NF4WeightOnlyConfig

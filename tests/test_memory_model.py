@@ -117,3 +117,13 @@ def test_qadapt_plan_prints_json(tiny_dir, capsys):
     assert plan["settings"]["engine"] == "fsdp2" and plan["settings"]["world_size"] == 2
     assert plan["peak"] > plan["logits"] > 0 and plan["gib"]["peak"] == round(plan["peak"] / GiB, 3)
     assert main(["plan", str(tiny_dir), "--backend", "eetq-not-there"]) == 2
+
+
+def test_qadapt_plan_says_when_the_engine_would_refuse_what_it_predicts(tiny_dir, capsys):
+    from qadapt.cli import main
+
+    backend_ready("torchao")
+    assert main(["plan", str(tiny_dir), "--backend", "torchao", "--gpus", "2"]) == 0
+    assert "note: a prediction only; qadapt.distributed.shard refuses this (torchao 0.18's Int8Tensor" in capsys.readouterr().out
+    assert main(["plan", str(tiny_dir), "--backend", "torchao", "-o", "scheme=nf4", "--gpus", "2"]) == 0
+    assert "note:" not in capsys.readouterr().out

@@ -43,4 +43,19 @@ def run(args) -> int:
             print(f"  {key:<24} {value:8.2f} GiB")
     print(f"  {'peak per rank':<24} {plan.peak / GiB:8.2f} GiB on the device"
           + (f", {plan.host / GiB:.2f} GiB in host memory" if plan.host else ""))
+    refusal = _refusal(args.backend, settings["options"], engine)
+    if refusal:
+        print(f"note: a prediction only; qadapt.distributed.shard refuses this ({refusal})")
     return 0
+
+
+def _refusal(backend, options, engine) -> str | None:
+    """The capability table's reason when LoRA cannot be trained sharded by ``engine`` on ``backend``."""
+    from ..capabilities import ENGINES
+    from ..plugins import get_backend
+
+    if backend is None or engine == "none":
+        return None
+    quant = get_backend(backend)
+    support = quant.capabilities(quant.validate_options(options))[("lora", ENGINES[engine])]
+    return None if support else support.reason

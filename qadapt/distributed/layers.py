@@ -98,7 +98,8 @@ def fingerprint(tensor) -> int | None:
         return None if None in inner else hash(tuple(inner)) & (2**63 - 1)
     if tensor.device.type == "meta":
         return None
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    # a contiguous copy: ``contiguous()`` keeps a one-element view's stride, which ``view(torch.uint8)`` refuses
+    data = tensor.detach().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
     if data.numel() % 4:
         data = torch.cat([data, data.new_zeros(4 - data.numel() % 4)])
     words = data.view(torch.int32).long()
@@ -112,9 +113,20 @@ def facts(tensor, with_fingerprint: bool = True) -> TensorFacts:
 
 
 def _global_bytes(tensor) -> int:
+    """Bytes of the whole tensor, every rank's share together. A tensor subclass (torchao's NF4Tensor) reports its
+    unquantized dtype: its own inner tensors count, scaled from this rank's share (engines split it evenly)."""
     import math
 
+    share = local(tensor)
+    if _is_subclass(share):
+        return tensor_bytes(share) * math.prod(global_shape(tensor)) // max(1, math.prod(share.shape))
     return math.prod(global_shape(tensor)) * tensor.element_size()
+
+
+def _is_subclass(tensor) -> bool:
+    import torch
+
+    return type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__")
 
 
 def snapshot(model, backend, with_fingerprint: bool = True) -> dict[str, LayerFacts]:
@@ -176,7 +188,7 @@ def _check_payload_tensor(report, where, tensor, engine, world_size, was) -> Non
             report.problems.append(f"{where}: was {was.dtype} {list(was.shape)}, is {tensor.dtype} {list(shape)} "
                                    "(converted by the engine: no longer the packed quantized bytes)")
     report.payload_bytes += tensor_bytes(share)
-    report.global_payload_bytes += math.prod(shape) * tensor.element_size()
+    report.global_payload_bytes += _global_bytes(tensor)
 
 
 def _is_sharded(tensor, engine: str) -> bool:
@@ -187,11 +199,14 @@ def _is_sharded(tensor, engine: str) -> bool:
 
 def floating_payloads(model, backend) -> dict[str, str]:
     """``{parameter: dtype}`` of the payload parameters stored in a floating dtype (a mixed-precision policy would
-    cast them like weights)."""
+    cast them like weights). A tensor subclass with FSDP2's all-gather extension (``fsdp_pre_all_gather``: torchao's
+    NF4Tensor) is gathered by its own code, which FSDP2 does not cast."""
     found = {}
     for name, module in quantized_layers(model, backend).items():
         for param_name in backend.sharded_parameters(module):
             tensor = getattr(module, param_name)
+            if hasattr(local(tensor), "fsdp_pre_all_gather"):
+                continue
             if tensor.dtype.is_floating_point:
                 found[f"{name}.{param_name}"] = tensor.dtype
     return found

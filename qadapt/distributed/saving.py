@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CheckpointError, IncompatibleError, InvalidOptionError
+from ..errors import CheckpointError, InvalidOptionError
 
 
 def save(model, path, *, overwrite: bool = False) -> str:
@@ -25,7 +25,6 @@ def save(model, path, *, overwrite: bool = False) -> str:
     from ..checkpoint import MANIFEST, PROVENANCE, FORMAT
     from ..checkpoint.files import SaveTarget, checksums, is_free, sizes, write_json
     from ..checkpoint.manifest import check_adapter_name
-    from ..plugins import backend_of
     from ..record import get_record
     from .launch import world
 
@@ -38,9 +37,8 @@ def save(model, path, *, overwrite: bool = False) -> str:
     if record.method is None:
         raise InvalidOptionError(asked, "the model has no adapter", "Attach and train one first")
     check_adapter_name(record.adapter_name, asked)
-    support = backend_of(record).capabilities(record.options)[(record.method, "save")]
-    if not support:
-        raise IncompatibleError(asked, support.reason, support.hint)
+    # no "save" cell to consult: the base is not written (a backend whose base has no file format, torchao's NF4,
+    # saves here too), and one-process loading quantizes the source folder again
     if record.source is None or not os.path.isdir(record.source):
         raise CheckpointError(asked, "the base was not loaded from a folder, and a sharded run does not gather it",
                               "Load the base with qadapt.load(folder, ...) or qadapt.distributed.load_sharded")

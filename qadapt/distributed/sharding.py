@@ -22,7 +22,8 @@ def shard(model, engine: str = "fsdp2", *, mixed_precision: Any = None, offload:
     verify that every quantized layer survived (:func:`verify`); refuse to go on otherwise.
 
     Checked before any work: the capability table's ``train_<engine>`` cell for the backend and adapter method, the
-    launch (:func:`check_launch`), that every tensor is on this rank's device, and for FSDP2 that
+    launch (:func:`check_launch`), the backend's limits for this model and number of processes
+    (:meth:`~qadapt.QuantBackend.sharding_problems`), that every tensor is on this rank's device, and for FSDP2 that
     ``mixed_precision`` would not cast packed bytes.
 
     :param engine: ``"fsdp2"`` (PyTorch ``fully_shard``: one unit per decoder layer, then the root; the model is
@@ -54,6 +55,12 @@ def shard(model, engine: str = "fsdp2", *, mixed_precision: Any = None, offload:
     if engine == "zero3" and zero3.available():
         raise BackendUnavailableError(asked, zero3.available(), zero3.INSTALL)
     check_launch(asked)
+    problems = backend.sharding_problems(model, record.options, engine, world()[1])
+    if problems:
+        raise ShardingError(asked, "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4
+                                                              else ""),
+                            "Nothing was changed: do what the reason says, or use a backend that shards this model at "
+                            "this size (`qadapt matrix` lists the sharded cells)")
     _check_devices(model, asked, offload)
     if engine == "fsdp2":
         fsdp2.check_mixed_precision(model, backend, mixed_precision)

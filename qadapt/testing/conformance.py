@@ -26,7 +26,9 @@ raise qadapt's error before any weight changes. Checks, per method:
 * ``train_fsdp2`` / ``train_zero3``: a fresh model sharded by the engine in a process group of one (the code path of
   every world size), verified by qadapt (payload bytes gathered bit for bit, quantization state unchanged); its loss
   equals the unsharded model's, two optimizer steps change the adapter with finite losses. A declared ``no`` must be
-  refused by ``qadapt.distributed.shard`` before the model changes.
+  refused by ``qadapt.distributed.shard`` before the model changes. A backend whose
+  :meth:`~qadapt.QuantBackend.sharding_problems` rule out one process (torchao's NF4) must be refused there the same
+  way; the cell is then "skipped" here and its multi-process test (``nox -s distributed``) performs it.
 """
 
 from __future__ import annotations
@@ -268,6 +270,8 @@ def _check_sharded(cells, model, fresh, batch) -> None:
     from .. import api, distributed
     from ..capabilities import ENGINES
     from ..distributed.zero3 import available
+    from ..plugins import backend_of
+    from ..record import get_record
 
     for engine, operation in ENGINES.items():
         if not cells.declared(operation):
@@ -286,6 +290,17 @@ def _check_sharded(cells, model, fresh, batch) -> None:
         try:
             with distributed.one_process_group():
                 candidate = api.attach(fresh(), cells.method, **STRONG_INIT[cells.method])
+                record = get_record(candidate)
+                limits = backend_of(record).sharding_problems(candidate, record.options, engine, 1)
+                if limits:  # the backend shards from several processes only: refused here, before any change
+                    before = _snapshot(candidate)
+                    outcome = _expect_refusal(lambda: distributed.shard(candidate, engine))
+                    if outcome == "refused as declared" and _same(before, _snapshot(candidate)):
+                        cells.record(operation, "skipped", "needs several processes (its multi-process test runs it); "
+                                     f"in one it is refused before any change: {limits[0]}")
+                    else:
+                        cells.record(operation, "failed", "the backend's sharding_problems were not refused by shard")
+                    continue
                 candidate.train()
                 with _same_random_draws():  # dropout (GPT-2's, OPT's configs): the same masks in both runs
                     unsharded = candidate(input_ids=batch, labels=batch).loss.item()
@@ -427,7 +442,10 @@ def _bits_equal(a, b) -> bool:
 
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    # a copy in the contiguous layout: ``contiguous()`` keeps the stride of a one-element view (NF4Tensor's scale
+    # factor), which ``view(torch.uint8)`` then refuses
+    as_bytes = lambda t: t.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)  # noqa: E731
+    return torch.equal(as_bytes(a), as_bytes(b))
 
 
 def _expect_refusal(action) -> str:
