@@ -39,6 +39,7 @@ from _children import (  # noqa: E402  (stdlib only: unsloth's row imports unslo
 NF4 = dict(bits=4, quant_type="nf4", double_quant=True)
 HQQ4 = dict(bits=4, group_size=64)
 INT8 = dict(scheme="int8_weight_only")
+NF4_TORCHAO = dict(scheme="nf4")  # torchao's NF4Tensor (the scheme that trains sharded)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 #: name -> how the row is built. kind: "qadapt" (qadapt.load + attach [+ prepare]), "raw" (transformers + PEFT by
@@ -61,6 +62,8 @@ ROWS = {
     "qadapt-hqq": dict(kind="qadapt", backend="hqq", options=HQQ4, prepare=None),
     "qadapt-torchao": dict(kind="qadapt", backend="torchao", options=INT8, prepare=None),
     "qadapt-bf16-fast": dict(kind="qadapt", backend=None, options={}, prepare="fast"),
+    "qadapt-torchao-nf4": dict(kind="qadapt", backend="torchao", options=NF4_TORCHAO, prepare=None),
+    "qadapt-torchao-nf4-fast": dict(kind="qadapt", backend="torchao", options=NF4_TORCHAO, prepare="fast"),
     # not in the default order (device time): PEFT's kbit preparation (checkpointing), and compile on top of fast
     "qadapt-nf4-default": dict(kind="qadapt", backend="bnb", options=NF4, prepare="default"),
     "qadapt-nf4-fast-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
@@ -70,12 +73,13 @@ ROWS = {
 }
 ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-fast-eager", "qadapt-nf4-lean", "unsloth-nf4-offload",
          "qadapt-nf4-fast-normrecompute", "bf16-peft", "qadapt-nf4", "qadapt-hqq-fast", "qadapt-torchao-fast", "nf4-raw",
-         "qadapt-hqq", "qadapt-torchao", "qadapt-bf16-fast"]
+         "qadapt-hqq", "qadapt-torchao", "qadapt-bf16-fast", "qadapt-torchao-nf4-fast", "qadapt-torchao-nf4"]
 #: the plain path each prepared row is compared with (the switch's gain)
 PLAIN = {name: "qadapt-nf4" for name in ("qadapt-nf4-fast", "qadapt-nf4-fast-eager", "qadapt-nf4-lean",
                                          "qadapt-nf4-lean-compile", "qadapt-nf4-fast-normrecompute",
                                          "qadapt-nf4-default", "qadapt-nf4-fast-compile")}
-PLAIN.update({"qadapt-hqq-fast": "qadapt-hqq", "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft"})
+PLAIN.update({"qadapt-hqq-fast": "qadapt-hqq", "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft",
+              "qadapt-torchao-nf4-fast": "qadapt-torchao-nf4"})
 STEPS = {"8b": (2, 6), "full": (3, 10), "tiny": (1, 3)}  # (warm-up, timed)
 
 
