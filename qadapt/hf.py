@@ -639,6 +639,19 @@ def load_config(path: str):
     return config
 
 
+def quantizer_load_operations(quantizer) -> tuple:
+    """The operation classes with which transformers' ``quantizer`` reads a quantized folder: its
+    ``get_load_operations()`` (transformers 5.23), or the operations of the converters its
+    ``get_weight_conversions()`` builds (5.17 has no ``get_load_operations``); () where it has neither."""
+    load_operations = getattr(quantizer, "get_load_operations", None)
+    if load_operations is not None:
+        return tuple(op for op in load_operations().values() if isinstance(op, type))
+    weight_conversions = getattr(quantizer, "get_weight_conversions", None)
+    if weight_conversions is None:
+        return ()
+    return tuple({type(op) for conversion in weight_conversions() for op in getattr(conversion, "operations", ())})
+
+
 @contextmanager
 def saving_pre_quantized(model):
     """While inside, ``model`` (a transformers model loaded from an already-quantized folder, or a PeftModel around
@@ -663,12 +676,10 @@ def saving_pre_quantized(model):
         return
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     conversions = inner.__dict__.get("_weight_conversions")
-    quantizer = getattr(inner, "hf_quantizer", None)
-    load_operations = getattr(quantizer, "get_load_operations", None)
-    if not conversions or load_operations is None:
+    operation_types = quantizer_load_operations(getattr(inner, "hf_quantizer", None))
+    if not conversions or not operation_types:
         yield model
         return
-    operation_types = tuple(op for op in load_operations().values() if isinstance(op, type))
     kept = []
     for conversion in conversions:
         try:

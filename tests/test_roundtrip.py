@@ -549,3 +549,19 @@ def test_loftq_on_bnb_nf4_starts_lora_at_the_quantization_error(tiny_dir):
         reference = full[name + ".weight"].float().to(weight.device)
         errors[init] = ((weight - reference).norm() / reference.norm()).item()
     assert errors["loftq"] < 0.8 * errors[False], errors
+
+
+def test_the_quantizer_s_load_operations_are_read_from_either_transformers_api():
+    """transformers 5.23 names them (``get_load_operations``); 5.17 only builds its converters with them
+    (``get_weight_conversions``): on the H200's 5.17 a reloaded torchao model did not save again until both were read."""
+    from types import SimpleNamespace
+
+    from qadapt.hf import quantizer_load_operations
+
+    class Deserialize:
+        pass
+
+    newer = SimpleNamespace(get_load_operations=lambda: {"deserialize": Deserialize})
+    older = SimpleNamespace(get_weight_conversions=lambda: [SimpleNamespace(operations=[Deserialize()])])
+    assert quantizer_load_operations(newer) == quantizer_load_operations(older) == (Deserialize,)
+    assert quantizer_load_operations(None) == ()

@@ -435,6 +435,33 @@ def test_the_loss_says_which_library_runs_and_why_not_the_others(monkeypatch):
     assert summed(None, None, None) == "called"
 
 
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile's CPU code needs a C compiler (cc)")
+def test_many_compiled_layers_in_one_process_do_not_hit_dynamo_s_recompile_limit():
+    """Every compiled layer shares ``Module._call_impl``'s code object, so each kind of layer is one more cache entry;
+    dynamo's default limit is 8, a hard error under fullgraph=True (the H200's GPU suite failed at its seventh model).
+    Ten kinds of layer here, two entries each (with and without gradients)."""
+    from qadapt.training.compiling import compile_layers
+    from qadapt.training.patching import Patches
+
+    patches = Patches()
+    for kind in range(10):
+        layer = type(f"Block{kind}", (_Block,), {})()
+        compile_layers(patches, [("layer", layer)])
+        layer(torch.randn(2, 4, requires_grad=True)).sum().backward()
+        with torch.no_grad():
+            layer(torch.randn(2, 4))
+    patches.undo()
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile's CPU code needs a C compiler (cc)")
 def test_compiled_fused_layers_train_like_eager_and_keep_no_dequantized_weight():
     """torch.compile over the fused Functions (fullgraph): the same loss and gradients, and no more kept for the

@@ -30,7 +30,15 @@ def _without_cse(compiled, *args, **kwargs):
     forward and again in the backward; CSE makes the two one node, which the partitioner then saves for the backward
     (a custom op is not recomputed): every de-quantized weight kept, 25.8 GiB instead of 12.8 at Llama-3-8B (H200,
     2026-12-01). Without CSE the backward's de-quantization stays in the backward."""
+    import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
 
-    with functorch_config.patch(cse=False):
+    with functorch_config.patch(cse=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
         return compiled(*args, **kwargs)
+
+
+#: Every compiled decoder layer of every prepared model in a process shares one code object, and each variant (model,
+#: backend, dtype, whether the layer's input requires grad, training or evaluation) is one more entry of its cache;
+#: dynamo's default limit is 8, and with ``fullgraph=True`` the ninth is a hard error at that forward (seen on the
+#: H200: the seventh compiled model of one pytest process failed with "Dynamo recompile limit exceeded").
+RECOMPILE_LIMIT = 256
