@@ -79,11 +79,16 @@ def global_shape(tensor) -> tuple:
     return tuple(tensor.shape)
 
 
-def tensor_bytes(tensor) -> int:
-    """Bytes of ``tensor``'s storage as it is (a tensor subclass: its inner tensors); 0 on the meta device."""
+def _is_subclass(tensor) -> bool:
+    """A tensor subclass made of inner tensors (torchao's NF4Tensor, Int8Tensor)."""
     import torch
 
-    if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+    return type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__")
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes of ``tensor``'s storage as it is (a tensor subclass: its inner tensors); 0 on the meta device."""
+    if _is_subclass(tensor):
         return sum(tensor_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
     return 0 if tensor.device.type == "meta" else tensor.numel() * tensor.element_size()
 
@@ -93,7 +98,7 @@ def fingerprint(tensor) -> int | None:
     second; hashing on the host would copy it). Any changed element changes it, barring a 1-in-2^63 collision."""
     import torch
 
-    if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+    if _is_subclass(tensor):
         inner = [fingerprint(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0]]
         return None if None in inner else hash(tuple(inner)) & (2**63 - 1)
     if tensor.device.type == "meta":
@@ -122,11 +127,6 @@ def _global_bytes(tensor) -> int:
         return tensor_bytes(share) * math.prod(global_shape(tensor)) // max(1, math.prod(share.shape))
     return math.prod(global_shape(tensor)) * tensor.element_size()
 
-
-def _is_subclass(tensor) -> bool:
-    import torch
-
-    return type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__")
 
 
 def snapshot(model, backend, with_fingerprint: bool = True) -> dict[str, LayerFacts]:
