@@ -70,6 +70,12 @@ ROWS = {
                                     parts={"compile": "regional"}),
     "qadapt-nf4-lean-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="lean",
                                     parts={"compile": "regional"}),
+    # "fast" with gate and up recomputed in the backward in every MLP, or in N of them (the memory/speed dial that
+    # keeps CUDA graphs)
+    "qadapt-nf4-fast-mlprecompute": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
+                                         parts={"mlp": "recompute"}),
+    **{f"qadapt-nf4-fast-mlp{n}": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
+                                       parts={"mlp": "recompute", "mlp_layers": n}) for n in (8, 9, 10, 12, 16)},
 }
 ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-fast-eager", "qadapt-nf4-lean", "unsloth-nf4-offload",
          "qadapt-nf4-fast-normrecompute", "bf16-peft", "qadapt-nf4", "qadapt-hqq-fast", "qadapt-torchao-fast", "nf4-raw",
@@ -77,7 +83,8 @@ ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-fast-eager", "qadapt-nf4-
 #: the plain path each prepared row is compared with (the switch's gain)
 PLAIN = {name: "qadapt-nf4" for name in ("qadapt-nf4-fast", "qadapt-nf4-fast-eager", "qadapt-nf4-lean",
                                          "qadapt-nf4-lean-compile", "qadapt-nf4-fast-normrecompute",
-                                         "qadapt-nf4-default", "qadapt-nf4-fast-compile")}
+                                         "qadapt-nf4-default", "qadapt-nf4-fast-compile", "qadapt-nf4-fast-mlprecompute",
+                                         *(f"qadapt-nf4-fast-mlp{n}" for n in (8, 9, 10, 12, 16)))}
 PLAIN.update({"qadapt-hqq-fast": "qadapt-hqq", "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft",
               "qadapt-torchao-nf4-fast": "qadapt-torchao-nf4"})
 STEPS = {"8b": (2, 6), "full": (3, 10), "tiny": (1, 3)}  # (warm-up, timed)

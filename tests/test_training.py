@@ -478,6 +478,77 @@ def test_compiled_fused_layers_train_like_eager_and_keep_no_dequantized_weight()
     assert saved_bytes(compiled, ids) <= saved_bytes(eager, ids)
 
 
+def test_checkpoint_layers_checkpoints_that_many_decoder_layers_spread_evenly():
+    from qadapt.training.checkpointing import chosen_layers
+
+    names = [(f"layers.{i}", None) for i in range(32)]
+    assert chosen_layers(names, 4) == ["layers.0", "layers.8", "layers.16", "layers.24"]
+    assert chosen_layers(names, 6) == ["layers.0", "layers.5", "layers.10", "layers.16", "layers.21", "layers.26"]
+    assert chosen_layers(names, None) == chosen_layers(names, 40) == [n for n, _ in names]
+    model = adapted(None)
+    ids = batch(size=(2, 64))
+    loss_plain, grads_plain = step(model, ids)
+    report = qadapt.prepare(model, "default", checkpoint_layers=1)  # eager: transformers' hook on one layer
+    assert report.parts["checkpoint"].modules == ["model.layers.0"]
+    assert [m.gradient_checkpointing for m in model.base_model.model.model.layers] == [True, False]
+    loss, grads = step(model, ids)
+    assert abs(loss - loss_plain) / loss_plain < 1e-5 and worst(grads, grads_plain) < 1e-4
+    note = qadapt.prepare(model, "default", checkpoint_layers=3).parts["checkpoint"].notes
+    assert "the model has 2 decoder layers; every one is checkpointed" in note[0]
+
+
+@pytest.mark.parametrize("backend", [None, "bnb"])
+def test_mlp_recompute_trains_like_the_fused_mlp_and_keeps_less(backend):
+    """mlp='recompute': the fused MLP keeping only its input, gate and up recomputed in the backward from the weights
+    the backward de-quantizes anyway: the same loss and gradients as mlp='fused' (float32), and two intermediate-wide
+    tensors less kept per recomputing layer; mlp_layers=1 recomputes in one of the two layers."""
+    ids = batch(size=(2, 64))
+    kept, results = {}, {}
+    for mlp_choice, layers in (("fused", None), ("recompute", 1), ("recompute", None)):
+        model = adapted(backend)
+        report = qadapt.prepare(model, "fast", mlp=mlp_choice, mlp_layers=layers)
+        if mlp_choice == "recompute":
+            assert f"in {layers or 2} of the 2 MLPs only x is saved" in report.parts["mlp"].how
+        results[mlp_choice, layers] = step(model, ids)
+        kept[mlp_choice, layers] = saved_bytes(model, ids)
+    loss_fused, grads_fused = results["fused", None]
+    for key in (("recompute", 1), ("recompute", None)):
+        loss, grads = results[key]
+        assert abs(loss - loss_fused) / loss_fused < 1e-5 and worst(grads, grads_fused) < 1e-4, key
+    per_layer = 2 * 2 * 64 * SHAPE["intermediate_size"] * 4  # gate and up, float32, 2 x 64 tokens
+    assert kept["fused", None] - kept["recompute", 1] == per_layer, kept
+    assert kept["fused", None] - kept["recompute", None] == 2 * per_layer, kept
+
+
+def test_mlp_recompute_has_exact_gradients_in_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64),
+               torch.randn(8, 12, dtype=torch.float64)]
+    adapters = [torch.randn(shape, dtype=torch.float64, requires_grad=True)
+                for shape in ((2, 8), (12, 2), (2, 8), (12, 2), (2, 12), (8, 2))]
+    routes = tuple((lambda dtype, w=w: w, 0.5) for w in weights)
+    assert torch.autograd.gradcheck(lambda x, *a: LoRASwiGLUFn.apply(x, *a, routes, True), (x, *adapters))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile's CPU code needs a C compiler (cc)")
+def test_compiled_mlp_recompute_keeps_its_saving():
+    """Inside a compiled layer the partitioner could keep gate and up anyway; it does not: less is kept than by the
+    compiled fused MLP, and the loss is the eager one."""
+    ids = batch(size=(2, 64))
+    eager = adapted("bnb", torch.bfloat16)
+    qadapt.prepare(eager, "fast", mlp="recompute")
+    loss_eager, _ = step(eager, ids)
+    kept = {}
+    for choice in ("fused", "recompute"):
+        model = adapted("bnb", torch.bfloat16)
+        qadapt.prepare(model, "fast", compile="regional", mlp=choice)
+        loss, _ = step(model, ids)
+        kept[choice] = saved_bytes(model, ids)
+    assert abs(loss - loss_eager) / loss_eager < 1e-3
+    assert kept["fused"] - kept["recompute"] >= 2 * 2 * 2 * 64 * SHAPE["intermediate_size"] * 2, kept
+
+
 def test_compile_auto_and_graphs_say_what_they_resolve_to_off_cuda():
     model = adapted(None)
     report = qadapt.prepare(model, "fast")  # compile="auto"
@@ -495,6 +566,10 @@ def test_compile_auto_and_graphs_say_what_they_resolve_to_off_cuda():
 @pytest.mark.parametrize("parts, match", [
     ({"compile": "graphs", "checkpoint": "recompute"}, "a CUDA graph replays.*compile='regional', or checkpoint='off'"),
     ({"compile": "regional", "norm": "recompute"}, "grad_fn, which torch.compile cannot read.*norm='lean'"),
+    ({"checkpoint_layers": 4}, "checkpoint is 'off'.*Pass checkpoint='recompute'"),
+    ({"checkpoint": "recompute", "checkpoint_layers": 0}, "positive number of layers"),
+    ({"mlp_layers": 4}, "mlp is 'fused'.*Pass mlp='recompute'"),
+    ({"mlp": "recompute", "lora": "peft", "dequant": "recompute"}, "fused LoRA layers of its three projections"),
 ])
 def test_compile_settings_that_cannot_work_are_refused_before_any_change(parts, match):
     model = adapted(None)
@@ -614,3 +689,19 @@ def test_gpu_compiled_fused_layers_train_like_eager(compile, backend):
         loss_compiled, grads = step(compiled, ids)
     assert abs(loss_compiled - loss_eager) / loss_eager < 1e-2
     assert worst(grads, grads_eager) < 5e-2
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["bnb", "hqq", None])
+def test_gpu_mlp_recompute_under_cuda_graphs_trains_like_eager_and_keeps_less(backend):
+    ids = batch(size=(2, 64)).cuda()
+    eager = _cuda_adapted(backend)
+    qadapt.prepare(eager, "fast", mlp="recompute", compile="off")
+    compiled = _cuda_adapted(backend)
+    report = qadapt.prepare(compiled, "fast", mlp="recompute")  # compile="auto": CUDA graphs
+    assert "CUDA graphs" in report.parts["compile"].how and "only x is saved" in report.parts["mlp"].how, report
+    for _ in range(3):  # the first steps compile and record
+        loss_eager, grads_eager = step(eager, ids)
+        loss, grads = step(compiled, ids)
+    assert abs(loss - loss_eager) / loss_eager < 1e-2 and worst(grads, grads_eager) < 5e-2
+

@@ -112,14 +112,27 @@ def supports(model) -> str:
     return ""
 
 
-def enable(patches, model, mode: str) -> int:
-    """Checkpoint every decoder layer of ``model`` (a ``PreTrainedModel``); the number of layers."""
+def chosen_layers(layers, count=None):
+    """The names of ``count`` of the decoder ``layers`` (name, module), spread evenly; all of them for None."""
+    names = [name for name, _ in layers]
+    if count is None or count >= len(names):
+        return names
+    return [names[(i * len(names)) // count] for i in range(count)]
+
+
+def enable(patches, model, mode: str, names=None) -> int:
+    """Checkpoint the decoder layers of ``model`` (a ``PreTrainedModel``) named in ``names`` (None: every one)
+    eagerly, through transformers' own hook; the number of layers checkpointed."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     function = recompute_checkpoint() if mode == "recompute" else offloaded_checkpoint
     model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
     # transformers 5.23 renamed it (the old name warns); 5.4-5.17 have only the old one
     patches.on_undo(getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)
+    if names is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, GradientCheckpointingLayer) and name not in names:
+                module.gradient_checkpointing = False
     return sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
 
 

@@ -4,9 +4,11 @@
 transformers' Llama MLP under PEFT saves four intermediate-wide tensors per layer for the backward (gate's output for
 SiLU, SiLU's output and up's output for the product, and down_proj's LoRA copy of the product): 5.25 GiB at
 Llama-3-8B, 4 x 512 tokens. :class:`LoRASwiGLUFn` keeps ``x``, ``e = gate(x)`` and ``g = up(x)`` and recomputes
-``h = silu(e) * g`` in the backward (3.5 GiB less at 8B). On CUDA with liger-kernel installed, the backward's
-elementwise part is Liger's SwiGLU kernels (in place over ``e`` and ``g``); elsewhere, and inside a compiled layer,
-plain torch in float32.
+``h = silu(e) * g`` in the backward (3.5 GiB less at 8B). With ``recompute`` (``prepare(mlp="recompute")``) it
+keeps only ``x`` and recomputes ``e`` and ``g`` too, from the weights the backward de-quantizes anyway (two more
+matmuls a layer; 3.2 GiB less again at 8B, H200). On CUDA with liger-kernel installed, the backward's elementwise
+part is Liger's SwiGLU kernels (in place over ``e`` and ``g``); elsewhere, and inside a compiled layer, plain torch
+in float32.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _liger_swiglu():
 
 class LoRASwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gA, gB, uA, uB, dA, dB, routes):
+    def forward(ctx, x, gA, gB, uA, uB, dA, dB, routes, recompute=False):
         (gdeq, gs), (udeq, us), (ddeq, ds) = routes
         in_dtype = x.dtype
         weight = gdeq(in_dtype)  # the gate's compute dtype is the Function's
@@ -54,17 +56,25 @@ class LoRASwiGLUFn(torch.autograd.Function):
         e = _matmul_lora(x2, weight, gA, gB, gs)
         g = _matmul_lora(x2, udeq(in_dtype), uA, uB, us)
         y = _matmul_lora(F.silu(e) * g, ddeq(in_dtype), dA, dB, ds)
-        ctx.save_for_backward(e, g, gA, gB, uA, uB, dA, dB, *stash(x))
-        ctx.routes, ctx.in_dtype = routes, in_dtype
+        ctx.save_for_backward(*(() if recompute else (e, g)), gA, gB, uA, uB, dA, dB, *stash(x))
+        ctx.routes, ctx.in_dtype, ctx.recompute = routes, in_dtype, recompute
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        e, g, gA, gB, uA, uB, dA, dB, *kept = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if not ctx.recompute:
+            e, g, saved = saved[0], saved[1], saved[2:]
+        gA, gB, uA, uB, dA, dB, *kept = saved
         x = unstash(kept)
         (gdeq, gs), (udeq, us), (ddeq, ds) = ctx.routes
         dtype = x.dtype
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).to(dtype)
+        weights = {}  # recomputing: the gate's and up's weights, de-quantized once for e, g and dx
+        if ctx.recompute:
+            weights = {"g": gdeq(ctx.in_dtype), "u": udeq(ctx.in_dtype)}
+            e = _matmul_lora(x2, weights["g"], gA, gB, gs)
+            g = _matmul_lora(x2, weights["u"], uA, uB, us)
         # Liger's kernels in eager mode; compiled, the torch arithmetic below (inductor fuses it; dynamo does not
         # trace Liger's launcher)
         liger = _liger_swiglu() if e.is_cuda and not torch.compiler.is_compiling() else None
@@ -94,9 +104,12 @@ class LoRASwiGLUFn(torch.autograd.Function):
             dzA = (dz @ B.to(dtype)).mul_(s)
             grads[key + "A"] = (dzA.t() @ x2).to(A.dtype)
             grads[key + "B"] = (dz.t() @ (x2 @ A.to(dtype).t())).mul_(s).to(B.dtype)
-            part = (dz @ deq(ctx.in_dtype).to(dtype)).addmm_(dzA, A.to(dtype))
+            weight = weights.pop(key) if key in weights else deq(ctx.in_dtype)
+            part = (dz @ weight.to(dtype)).addmm_(dzA, A.to(dtype))
+            del weight
             dx = part if dx is None else dx.add_(part)
-        return dx.view(x.shape), grads["gA"], grads["gB"], grads["uA"], grads["uB"], grads["dA"], grads["dB"], None
+        return (dx.view(x.shape), grads["gA"], grads["gB"], grads["uA"], grads["uB"], grads["dA"], grads["dB"], None,
+                None)
 
 
 def _reference():
@@ -132,8 +145,11 @@ def _mlp_forward(self, x):
     if not torch.is_grad_enabled() or any(f is None for f in found):
         return type(self).forward(self, x)  # inference, or a projection merged / disabled / swapped: the plain MLP
     (gd, gA, gB, gs), (ud, uA, uB, us), (dd, dA, dB, ds) = found
-    return run_function(LoRASwiGLUFn, x, gA, gB, uA, uB, dA, dB, ((gd, gs), (ud, us), (dd, ds)))
+    return run_function(LoRASwiGLUFn, x, gA, gB, uA, uB, dA, dB, ((gd, gs), (ud, us), (dd, ds)),
+                        self._qadapt_mlp_recompute)
 
 
-def fuse(patches, module) -> None:
+def fuse(patches, module, recompute: bool = False) -> None:
+    """``module``'s forward as :class:`LoRASwiGLUFn`, gate and up kept for the backward or (``recompute``) not."""
+    patches.set(module, "_qadapt_mlp_recompute", recompute)
     patches.set(module, "forward", types.MethodType(_mlp_forward, module))

@@ -12,7 +12,7 @@ CHOICES = {
     "input_grads": (True, False),
     "upcast": ("auto", "all", "none"),
     "lora": ("peft", "fused"),
-    "mlp": ("off", "fused"),
+    "mlp": ("off", "fused", "recompute"),
     "norm": ("off", "lean", "recompute"),
     "loss": ("off", "auto", "liger", "cce", "torch"),
     "compile": ("off", "auto", "regional", "graphs"),
@@ -22,6 +22,8 @@ CHOICES = {
 #: "default" is PEFT's ``prepare_model_for_kbit_training`` for every backend (gradient checkpointing that recomputes
 #: each decoder layer, input gradients, half-precision norms and embeddings upcast where the model is float16);
 #: "fast" adds qadapt's kernels and drops the recompute; "lean" is "fast" with the layer inputs kept on the host.
+#: ``checkpoint_layers`` and ``mlp_layers`` (not a mode's choice: None, every layer) apply checkpointing or
+#: ``mlp="recompute"`` to that many layers, spread evenly (the others: no checkpointing, or ``mlp="fused"``).
 MODES = {
     "default": dict(checkpoint="recompute", input_grads=True, upcast="auto", lora="peft", mlp="off", norm="off",
                     loss="off", compile="off", dequant="backend"),
@@ -46,12 +48,14 @@ class Settings:
     compile: str
     dequant: str
     loss_chunk: int | None = None
+    checkpoint_layers: int | None = None
+    mlp_layers: int | None = None
 
     def describe(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def resolve(mode: str, parts: dict, loss_chunk=None) -> Settings:
+def resolve(mode: str, parts: dict, loss_chunk=None, checkpoint_layers=None, mlp_layers=None) -> Settings:
     """The settings for ``mode`` with ``parts`` (None: the mode's choice) overriding it, or InvalidOptionError."""
     if mode not in MODES:
         raise InvalidOptionError(f"prepare(mode={mode!r})", "unknown mode",
@@ -66,9 +70,9 @@ def resolve(mode: str, parts: dict, loss_chunk=None) -> Settings:
             raise InvalidOptionError(f"prepare({part}={value!r})", f"{part} must be one of "
                                      f"{', '.join(map(repr, CHOICES[part]))}", _HELP[part])
         chosen[part] = value
-    if chosen["mlp"] == "fused" and chosen["lora"] != "fused":
-        raise InvalidOptionError("prepare(mlp='fused', lora='peft')", "the fused MLP runs the fused LoRA layers of "
-                                 "its three projections", "Pass lora='fused', or mlp='off'")
+    if chosen["mlp"] != "off" and chosen["lora"] != "fused":
+        raise InvalidOptionError(f"prepare(mlp={chosen['mlp']!r}, lora='peft')", "the fused MLP runs the fused LoRA "
+                                 "layers of its three projections", "Pass lora='fused', or mlp='off'")
     if chosen["lora"] == "fused" and chosen["dequant"] == "backend":
         raise InvalidOptionError("prepare(lora='fused', dequant='backend')", "the fused LoRA layers de-quantize "
                                  "through the backend's training route; dequant='backend' leaves every layer to the "
@@ -86,7 +90,25 @@ def resolve(mode: str, parts: dict, loss_chunk=None) -> Settings:
     if loss_chunk is not None and (isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 1):
         raise InvalidOptionError(f"prepare(loss_chunk={loss_chunk!r})", "expected a positive number of rows",
                                  "Leave it out: qadapt sizes the chunks from the vocabulary (256 MiB of logits)")
-    return Settings(mode=mode, loss_chunk=loss_chunk, **chosen)
+    _check_layer_count("checkpoint_layers", checkpoint_layers, mode, chosen, "checkpoint",
+                       chosen["checkpoint"] != "off", "checkpoint='recompute' (or 'offload')")
+    _check_layer_count("mlp_layers", mlp_layers, mode, chosen, "mlp", chosen["mlp"] == "recompute",
+                       "mlp='recompute'")
+    return Settings(mode=mode, loss_chunk=loss_chunk, checkpoint_layers=checkpoint_layers, mlp_layers=mlp_layers,
+                    **chosen)
+
+
+def _check_layer_count(name, count, mode, chosen, part, applies, needs):
+    """``count`` (how many layers get ``part``'s choice) is None, or a positive int where the choice is made."""
+    if count is None:
+        return
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidOptionError(f"prepare({name}={count!r})", "expected a positive number of layers",
+                                 f"Leave it out to apply {part}={chosen[part]!r} to every layer")
+    if not applies:
+        raise InvalidOptionError(f"prepare(mode={mode!r}, {part}={chosen[part]!r}, {name}={count})",
+                                 f"{name} says how many layers get {needs}, and {part} is {chosen[part]!r}",
+                                 f"Pass {needs} with it")
 
 
 _HELP = {
@@ -97,7 +119,8 @@ _HELP = {
               "for every half-precision model; 'none': dtypes unchanged",
     "lora": "'fused': qadapt's LoRA autograd Function (base + adapter in one, weight de-quantized again in the "
             "backward); 'peft': PEFT's own layers",
-    "mlp": "'fused': gate/up/down + SiLU in one Function for SwiGLU MLPs; 'off'",
+    "mlp": "'fused': gate/up/down + SiLU in one Function for SwiGLU MLPs (keeps x, gate and up); 'recompute': that, "
+           "keeping only x (gate and up recomputed in the backward: two more matmuls a layer); 'off'",
     "norm": "'lean': RMSNorm that keeps its input in the model dtype (Liger's kernel on CUDA); 'recompute': qadapt's "
             "torch RMSNorm whose output the fused layers after it recompute instead of keeping (no checkpointing "
             "only); 'off'",
