@@ -18,9 +18,10 @@ timed call (prefill included, as the guides measure); ``torch.cuda.max_memory_al
 Kernels: bitsandbytes picks its own (a 4-bit GEMV for one token at a time, LLM.int8's int8 matmul) and has no
 switch; torchao's int4 weight-only scheme is tinygemm's int4 kernel (``scheme="int4_weight_only"``, CUDA, bf16;
 nothing trains on it, so it has no adapter rows); HQQ's default training backend de-quantizes every step (slow to
-serve), HQQ's ``prepare_for_inference(backend="torchao_int4")`` moves its layers to tinygemm's int4 kernel (a library
-call here, measured on the merged model; not a qadapt option); gptq/awq's Marlin kernels are ``kernel="marlin"`` and need a folder quantized beforehand (``--gptq-folder``:
-calibrating at 8B does not fit the call).
+serve), HQQ's ``kernel="torchao_int4"`` runs its layers on tinygemm's int4 kernel (HQQ's own conversion; serving
+only, so base rows: a merged model saved with the default kernel loads onto it the same way); gptq/awq's Marlin
+kernels are ``kernel="marlin"`` and need a folder quantized beforehand (``--gptq-folder``: calibrating at 8B does not
+fit the call).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ ROWS = {
     "torchao-int4": dict(backend="torchao", options=dict(scheme="int4_weight_only"), adapter=False),
     "bnb-int8": dict(backend="bnb", options=dict(bits=8)),
     "hqq-4bit": dict(backend="hqq", options=dict(bits=4, group_size=64)),
-    # HQQ's own serving conversion (hqq.utils.patching.prepare_for_inference, tinygemm's int4 kernel through torchao),
-    # applied to the merged model: not a qadapt option (yet), and irreversible, so only the merged cells
-    "hqq-4bit-torchao_int4": dict(backend="hqq", options=dict(bits=4, group_size=64), hqq_kernel="torchao_int4"),
+    # HQQ's serving kernel (tinygemm's int4 matmul, qadapt's kernel="torchao_int4"): nothing trains on it, so the
+    # base only (a merged model saved with the default kernel loads onto it the same way)
+    "hqq-4bit-torchao_int4": dict(backend="hqq", options=dict(bits=4, group_size=64, kernel="torchao_int4"),
+                                  adapter=False),
     "gptq-4bit-marlin": dict(backend="gptq", options=dict(kernel="marlin", dtype="bfloat16"), folder="gptq"),
 }
 ORDER = ["bf16", "bnb-nf4", "torchao-int8", "torchao-int4", "hqq-4bit-torchao_int4", "bnb-int8", "hqq-4bit"]
@@ -127,18 +129,13 @@ def run_row(args) -> dict:
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.01)
-        if "hqq_kernel" not in spec:
-            row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="separate") for batch in BATCHES]
+        row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="separate") for batch in BATCHES]
         backend = qadapt.get_backend(spec["backend"]) if spec["backend"] else None
         start = time.perf_counter()
         policy = "fresh" if backend is not None and "fresh" in backend.requantize_policies else None
         report = qadapt.merge(model, policy=policy)
         row["merge_s"] = time.perf_counter() - start
         row["merge_error"] = getattr(report, "output_error", None)
-        if "hqq_kernel" in spec:
-            from hqq.utils.patching import prepare_for_inference
-
-            prepare_for_inference(model, backend=spec["hqq_kernel"])
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="merged") for batch in BATCHES]
     else:
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="none") for batch in BATCHES]

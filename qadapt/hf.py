@@ -161,6 +161,17 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def save_config(model, path) -> None:
+    """Write ``model``'s config.json to ``path`` recording the dtype the model's floating-point weights are in (what
+    ``save_pretrained`` does): a model built in memory and cast (``model.to(torch.bfloat16)``) keeps ``dtype=None``
+    in its config, and its folder would load in float32 beside the backend's half-precision layers."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = model_dtype(model)
+    config.save_pretrained(path)
+
+
 def save_full_precision(model, path) -> None:
     """Save a model whose layers are all plain (no quantization config) as a standard transformers folder. Layers
     :func:`linearize` or :func:`defuse_experts` converted are written in the architecture's own layout (Conv1D
@@ -168,10 +179,7 @@ def save_full_precision(model, path) -> None:
     of that architecture."""
     from safetensors.torch import save_file, save_model
 
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(path)
+    save_config(model, path)
     done = conversions(model)
     if not done:
         save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -6,6 +6,13 @@ Drives hqq's own API: transformers' ``HqqConfig`` path raises "not available yet
 ``nn.Linear`` layers with defuser (``qadapt.hf.linearize`` / ``defuse_experts``, recorded with the checkpoint and
 replayed on load). HQQ's state dict is all tensors, so the quantized base saves as one safetensors file beside the
 model's ``config.json``.
+
+Kernels: ``kernel="default"`` is HQQ's PyTorch backend (de-quantize, then a matmul): it trains, merges and saves.
+``kernel="torchao_int4"`` (CUDA, 4-bit, bfloat16) converts each layer to tinygemm's int4 matmul
+(``torch.ops.aten._weight_int4pack_mm``) with HQQ's own layer class (``_hqq_int4``: one packing step mended for
+torch >= 2.5), the serving kernel of HQQ's ``prepare_for_inference(backend="torchao_int4")`` without that function's
+global settings (inductor flags, float32 matmul precision); nothing trains on it: train, merge and save with the
+default kernel, then serve ``qadapt.load("DIR/base", backend="hqq", kernel="torchao_int4")``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import json
 import os
 
 from qadapt.backend import Option, QuantBackend
-from qadapt.capabilities import declare, yes
+from qadapt.capabilities import METHODS, declare, no, yes
 from qadapt.hookspecs import hookimpl
 from qadapt.merging.requant import POLICIES
 from qadapt_plugins._hqq_shards import CODES_PER_ROW, SHARDED, ShardingMembers
@@ -22,6 +29,11 @@ from qadapt_plugins._hqq_shards import CODES_PER_ROW, SHARDED, ShardingMembers
 LAYOUT_FILE = "hqq_layers.json"
 WEIGHTS_FILE = "model.safetensors"
 THROUGH_PROXY = "PEFT has no HQQ layer for {}: qadapt presents HQQLinear as nn.Linear (forward unchanged)"
+SERVING_ONLY = no(
+    "kernel='torchao_int4' is tinygemm's int4 inference matmul: PEFT has no layer for it and it has no backward",
+    "Train, merge and save with kernel='default' (qadapt.merge, qadapt.save(model, DIR)), then serve "
+    "qadapt.load('DIR/base', backend='hqq', kernel='torchao_int4')",
+)
 
 
 class HQQBackend(ShardingMembers, QuantBackend):
@@ -36,12 +48,39 @@ class HQQBackend(ShardingMembers, QuantBackend):
     requantize_uses_inputs = True
     peft_dispatchers = ("dispatch_hqq",)
     demo_options = {"bits": 4, "group_size": 64}
+    gpu_variants = ({"kernel": "torchao_int4", "compute_dtype": "bfloat16"},)
     options = (
         Option("bits", 4, "bits per weight", choices=(1, 2, 3, 4, 8)),
         Option("group_size", 64, "weights sharing one scale and zero", choices=(16, 32, 64, 128, 256)),
         Option("compute_dtype", "auto", "dtype of the de-quantized matmul ('auto': the model's dtype)",
                choices=("auto", "float32", "bfloat16", "float16"), runtime=True),
+        Option("kernel", "default", "the matmul: 'default' (HQQ's PyTorch backend: trains, merges, saves) or "
+               "'torchao_int4' (tinygemm's int4 kernel: CUDA, 4-bit, bfloat16, serving only)",
+               choices=("default", "torchao_int4"), runtime=True),
     )
+
+    def check_option_combination(self, options):
+        from qadapt.errors import InvalidOptionError
+
+        if options["kernel"] == "torchao_int4":
+            import torch
+
+            asked = f"backend 'hqq' with kernel='torchao_int4', bits={options['bits']}"
+            if not torch.cuda.is_available():
+                raise InvalidOptionError(asked, "tinygemm's int4 kernel runs only on a CUDA GPU",
+                                         "Use kernel='default' (the default), which runs on CPU and GPU")
+            if options["bits"] != 4:
+                raise InvalidOptionError(asked, "tinygemm's kernel multiplies 4-bit weights only",
+                                         "Pass bits=4, or kernel='default'")
+            if options["group_size"] not in (32, 64, 128, 256):
+                raise InvalidOptionError(f"{asked}, group_size={options['group_size']}",
+                                         "tinygemm's kernel takes groups of 32, 64, 128 or 256",
+                                         "Pass group_size=64 (the default)")
+            if options["compute_dtype"] not in ("auto", "bfloat16"):
+                raise InvalidOptionError(f"{asked}, compute_dtype={options['compute_dtype']!r}",
+                                         "tinygemm's kernel computes in bfloat16 only",
+                                         "Pass compute_dtype='bfloat16' (or 'auto' on a bfloat16 model)")
+        return options
 
     def install_problems(self):
         from qadapt.hf import is_importable, is_installed
@@ -52,6 +91,9 @@ class HQQBackend(ShardingMembers, QuantBackend):
         return []
 
     def capabilities(self, options):
+        if options.get("kernel") == "torchao_int4":
+            return declare(train={method: SERVING_ONLY for method in METHODS}, requantize=SERVING_ONLY,
+                           dequantize=SERVING_ONLY, save=SERVING_ONLY)
         return declare(
             train={
                 "lora": yes("PEFT's HqqLoraLinear"),
@@ -89,6 +131,11 @@ class HQQBackend(ShardingMembers, QuantBackend):
                         f"{weight.shape[0]}x{weight.shape[1]} weights do not split into groups of {group}"
                         + (f" packed {rows} to a row at {options['bits']} bits" if rows > 1 else "")
                         + " (HQQ's layout); use a group_size that divides them")
+                elif options.get("kernel") == "torchao_int4" and (weight.shape[0] % 8 or weight.shape[1] % 128):
+                    # _convert_weight_to_int4pack's tiles: [out / 8][in / (8 inner k-tiles x 16)]
+                    kept[weight.name] = cannot(
+                        f"{weight.shape[0]}x{weight.shape[1]} weights do not fit tinygemm's int4 tiles (out_features "
+                        "a multiple of 8, in_features of 128); use kernel='default'")
         return kept
 
     def quantize(self, model, options, calibration=None):
@@ -101,10 +148,11 @@ class HQQBackend(ShardingMembers, QuantBackend):
         prepare_linear_layers(model)
         quant_config = self._quant_config(options)
         compute_dtype = _compute_dtype(options, model.dtype)
+        _check_kernel_dtype(options, compute_dtype)
         device = default_device()
         for name, module in _linear_layers(model, kept):
             replace_module(model, name, self._make(module, quant_config, compute_dtype, device))
-        return to_default_device(model)
+        return _with_kernel(to_default_device(model), options)
 
     def _make(self, linear, quant_config, compute_dtype, device):
         from ._hqq_layers import HQQLinear as AutocastSafeHQQLinear
@@ -118,11 +166,11 @@ class HQQBackend(ShardingMembers, QuantBackend):
 
         from hqq.core.quantize import HQQLinear
 
-        from qadapt.hf import mark_qadapt_only, save_conversions, unshared_state_dict
+        from qadapt.hf import mark_qadapt_only, save_config, save_conversions, unshared_state_dict
 
         layers = [name for name, module in model.named_modules() if isinstance(module, HQQLinear)]
         state = unshared_state_dict(model)  # tied embeddings: safetensors refuses tensors that share memory
-        model.config.save_pretrained(path)
+        save_config(model, path)
         save_conversions(model, path)
         save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", "qadapt_backend": "hqq"})
         with open(os.path.join(path, LAYOUT_FILE), "w") as handle:
@@ -145,6 +193,7 @@ class HQQBackend(ShardingMembers, QuantBackend):
         model = model_from_config(path)  # the module layout it was saved from (split experts, Conv1D as nn.Linear)
         state = load_file(os.path.join(path, WEIGHTS_FILE))
         compute_dtype = _compute_dtype(options, model.dtype)
+        _check_kernel_dtype(options, compute_dtype)
         device = default_device()
         for name in layout["layers"]:
             layer = AutocastSafeHQQLinear(None, quant_config=self._quant_config(options), compute_dtype=compute_dtype,
@@ -160,7 +209,7 @@ class HQQBackend(ShardingMembers, QuantBackend):
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         # the HQQ layers are on the device already; embeddings, norms and head join them
-        return to_default_device(model).eval()
+        return _with_kernel(to_default_device(model), options).eval()
 
     def folder_options(self, path):
         """qadapt's own layout (``hqq_layers.json``); transformers' ``HqqConfig`` folders are refused: transformers
@@ -182,7 +231,7 @@ class HQQBackend(ShardingMembers, QuantBackend):
     def quantized_layer_types(self):
         from hqq.core.quantize import HQQLinear
 
-        return (HQQLinear,)
+        return (HQQLinear, *_int4_layer_types())
 
     def dequantize(self, module):
         return module.dequantize().float()
@@ -279,6 +328,46 @@ class HQQBackend(ShardingMembers, QuantBackend):
         # HQQLinear consumes its quant_config dict; rebuild it from the layer's own metadata.
         quant_config = self._quant_config({"bits": int(module.meta["nbits"]), "group_size": int(module.meta["group_size"])})
         return self._make(linear, quant_config, module.compute_dtype, module.device)
+
+
+def _int4_layer_types():
+    import torch
+
+    if not torch.cuda.is_available():  # the kernel's module is imported only where it can run
+        return ()
+    from ._hqq_int4 import TinygemmInt4Linear
+
+    return (TinygemmInt4Linear,)
+
+
+def _check_kernel_dtype(options, compute_dtype):
+    import torch
+
+    from qadapt.errors import InvalidOptionError
+
+    if options.get("kernel") == "torchao_int4" and compute_dtype != torch.bfloat16:
+        raise InvalidOptionError(f"backend 'hqq' with kernel='torchao_int4' on a {compute_dtype} model",
+                                 "tinygemm's kernel computes in bfloat16 only",
+                                 "Pass compute_dtype='bfloat16'")
+
+
+def _with_kernel(model, options):
+    """``model`` with every HQQ layer converted to ``options["kernel"]`` (nothing to do for "default")."""
+    if options.get("kernel", "default") == "default":
+        return model
+    import torch
+    from hqq.core.quantize import HQQLinear
+
+    from qadapt.hf import replace_module
+
+    from ._hqq_int4 import TinygemmInt4Linear
+
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, HQQLinear)]
+    for name, module in layers:
+        replace_module(model, name, TinygemmInt4Linear.from_hqq(module))
+        del module
+    torch.cuda.empty_cache()
+    return model
 
 
 def _compute_dtype(options, model_dtype):
