@@ -194,6 +194,7 @@ class INCBackend(QuantBackend):
         _quiet_inc()
         if isinstance(model, str):
             model = load_full_precision(model, gpu=False)
+        _to_float32(model)
         model.eval()
         kept = sorted(self.full_precision(model, options))
         # INC quantizes nn.Linear, not fused 3-D experts; and transformers' Conv1D only if transformers was imported
@@ -229,11 +230,11 @@ class INCBackend(QuantBackend):
     def save(self, model, path, options):
         from safetensors.torch import save_file
 
-        from qadapt.hf import mark_qadapt_only, save_conversions, unshared_state_dict
+        from qadapt.hf import mark_qadapt_only, save_config, save_conversions, unshared_state_dict
 
         layers = {name: _layer_spec(layer) for name, layer in _inc_layers(model)}
         state = unshared_state_dict(model)  # tied weights: safetensors refuses shared storage
-        model.config.save_pretrained(path)
+        save_config(model, path)
         save_conversions(model, path)
         save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", "qadapt_backend": "inc"})
         with open(os.path.join(path, LAYOUT_FILE), "w") as handle:
@@ -243,6 +244,7 @@ class INCBackend(QuantBackend):
         mark_qadapt_only(path, self.name, f"INC weight-only layers in qadapt's layout ({LAYOUT_FILE})")
 
     def load(self, path, options):
+        import torch
         from safetensors.torch import load_file
 
         from qadapt.errors import CheckpointError
@@ -254,7 +256,8 @@ class INCBackend(QuantBackend):
                                   "Save the model with qadapt (backend 'inc') first")
         with open(layout_path) as handle:
             layout = json.load(handle)
-        model = model_from_config(path)  # the layout it was saved from (split experts)
+        # the layout it was saved from (split experts), in float32: INC's layers compute in it
+        model = model_from_config(path, dtype=torch.float32)
         config = model.config
         for name, spec in layout["layers"].items():
             replace_module(model, name, _build_layer(spec))
@@ -377,6 +380,21 @@ def _layer_spec(layer) -> dict:
         "use_optimum_format": layer.use_optimum_format,
         "scheme": _scheme(layer),
     }
+
+
+def _to_float32(model) -> None:
+    """INC's weight-only layers compute in float32 on a CPU (they cast their input to it and return float32): a
+    half-precision model's embeddings, norms and head would then meet float32 activations and its first forward
+    fail ("expected m1 and m2 to have the same dtype"). The model is converted to float32, and a warning says so."""
+    import warnings
+
+    import torch
+
+    dtype = getattr(model, "dtype", torch.float32)
+    if dtype != torch.float32:
+        warnings.warn(f"backend 'inc': INC's weight-only layers compute in float32 on the CPU; the {dtype} model "
+                      "(embeddings, norms and head too) is converted to float32", stacklevel=4)
+        model.float()
 
 
 def _build_layer(spec):

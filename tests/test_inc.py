@@ -270,3 +270,23 @@ def test_conv1d_and_moe_experts(arch):
 
     results = check_backend("inc", {}, methods=["lora"], architecture=arch)
     assert [r.outcome for r in results if r.operation not in ENGINE_CELLS] == ["passed"] * 5, [str(r) for r in results]
+
+
+def test_a_bfloat16_checkpoint_runs_in_float32_and_says_so(tmp_path):
+    """INC's weight-only layers compute in float32 on a CPU; a bfloat16 checkpoint (what most are) loaded as it was
+    failed at its first forward (bfloat16 head, float32 activations). It is converted to float32, with a warning,
+    and saved and reloaded in float32."""
+    import qadapt
+
+    toy.build_model(dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    with pytest.warns(UserWarning, match="compute in float32 on the CPU; the torch.bfloat16 model"):
+        model = qadapt.load(str(tmp_path / "bf16"), backend="inc")
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    ids = torch.randint(4, 512, (1, 16))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    qadapt.save(model, tmp_path / "saved")
+    reloaded = qadapt.load(str(tmp_path / "saved"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+
