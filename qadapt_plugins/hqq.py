@@ -144,11 +144,11 @@ class HQQBackend(ShardingMembers, QuantBackend):
 
         if isinstance(model, str):
             model = load_full_precision(model, gpu=False)
+        compute_dtype = _compute_dtype(options, model.dtype)
+        _check_kernel_dtype(options, compute_dtype)  # before anything converts the model in place
         kept = self.full_precision(model, options)
         prepare_linear_layers(model)
         quant_config = self._quant_config(options)
-        compute_dtype = _compute_dtype(options, model.dtype)
-        _check_kernel_dtype(options, compute_dtype)
         device = default_device()
         for name, module in _linear_layers(model, kept):
             replace_module(model, name, self._make(module, quant_config, compute_dtype, device))
@@ -362,10 +362,9 @@ def _with_kernel(model, options):
 
     from ._hqq_int4 import TinygemmInt4Linear
 
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, HQQLinear)]
-    for name, module in layers:
-        replace_module(model, name, TinygemmInt4Linear.from_hqq(module))
-        del module
+    names = [name for name, module in model.named_modules() if isinstance(module, HQQLinear)]
+    for name in names:  # by name, so that each HQQ layer is freed once its replacement is in
+        replace_module(model, name, TinygemmInt4Linear.from_hqq(model.get_submodule(name)))
     torch.cuda.empty_cache()
     return model
 

@@ -192,6 +192,11 @@ class INCBackend(QuantBackend):
         from qadapt.hf import load_full_precision, prepare_linear_layers
 
         _quiet_inc()
+        if options["algorithm"] == "gptq" and not calibration:  # refused before the model is changed
+            from qadapt.errors import InvalidOptionError
+
+            raise InvalidOptionError("backend 'inc' with algorithm='gptq'", "GPTQ needs calibration batches",
+                                     "Pass calibration (a list of input_ids batches), or use algorithm='rtn'")
         if isinstance(model, str):
             model = load_full_precision(model, gpu=False)
         _to_float32(model)
@@ -201,11 +206,6 @@ class INCBackend(QuantBackend):
         # before INC (neural_compressor/torch/quantization/config.py builds WOQ_WHITE_LIST at import, INC 3.10)
         prepare_linear_layers(model)
         if options["algorithm"] == "gptq":
-            if not calibration:
-                from qadapt.errors import InvalidOptionError
-
-                raise InvalidOptionError("backend 'inc' with algorithm='gptq'", "GPTQ needs calibration batches",
-                                         "Pass calibration (a list of input_ids batches), or use algorithm='rtn'")
             import torch
 
             # INC's GPTQ resolves model_path even when not layer-wise and downloads from the hub when it is not a

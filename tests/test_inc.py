@@ -69,6 +69,10 @@ def test_refused_options(options, words):
 def test_gptq_without_calibration_is_refused():
     with pytest.raises(InvalidOptionError, match="calibration"):
         BACKEND.quantize(toy.build_model(), BACKEND.validate_options({"algorithm": "gptq"}))
+    model = toy.build_model(dtype=torch.bfloat16)  # refused before the float32 conversion changes it
+    with pytest.raises(InvalidOptionError, match="calibration"):
+        BACKEND.quantize(model, BACKEND.validate_options({"algorithm": "gptq"}))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------ formats
