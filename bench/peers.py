@@ -40,6 +40,16 @@ NF4 = dict(bits=4, quant_type="nf4", double_quant=True)
 HQQ4 = dict(bits=4, group_size=64)
 INT8 = dict(scheme="int8_weight_only")
 NF4_TORCHAO = dict(scheme="nf4")  # torchao's NF4Tensor (the scheme that trains sharded)
+# the other backends that train on a GPU, each on its trainable kernel; GPTQ and AWQ calibrate on random tokens, AQLM
+# fits its codebooks with a short k-means (speed and memory do not depend on the code values)
+GPTQ4 = dict(bits=4, group_size=128, kernel="torch")
+AWQ4 = dict(bits=4, group_size=128, kernel="torch")
+EETQ = dict(kernel="torch")
+BNB8 = dict(bits=8)
+AQLM2X8 = dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8, kmeans_iterations=2, refine_passes=0)
+#: backends whose quantization takes a minute or more: the first row of a call saves the quantized model in the
+#: call's folder (qadapt.save) and the next row of that backend loads it from there
+SLOW_TO_QUANTIZE = {"gptq", "awq", "aqlm"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 #: name -> how the row is built. kind: "qadapt" (qadapt.load + attach [+ prepare]), "raw" (transformers + PEFT by
@@ -70,23 +80,36 @@ ROWS = {
                                     parts={"compile": "regional"}),
     "qadapt-nf4-lean-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="lean",
                                     parts={"compile": "regional"}),
+    # "lean" on CUDA replays each checkpointed layer's two passes as CUDA graphs; this one keeps the layer inputs on
+    # the GPU instead of the host (one hidden state a layer: 16 MiB at 8B, 4 x 512 tokens)
+    "qadapt-nf4-lean-recompute": dict(kind="qadapt", backend="bnb", options=NF4, prepare="lean",
+                                      parts={"checkpoint": "recompute"}),
     # "fast" with gate and up recomputed in the backward in every MLP, or in N of them (the memory/speed dial that
     # keeps CUDA graphs)
     "qadapt-nf4-fast-mlprecompute": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
                                          parts={"mlp": "recompute"}),
     **{f"qadapt-nf4-fast-mlp{n}": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
                                        parts={"mlp": "recompute", "mlp_layers": n}) for n in (8, 9, 10, 12, 16)},
+    # the switch's gain on the other GPU backends: each pair plain, then prepare("fast") (the second loads the first's
+    # quantized model)
+    **{f"qadapt-{name}{suffix}": dict(kind="qadapt", backend=backend, options=options,
+                                      prepare="fast" if suffix else None)
+       for name, backend, options in (("gptq", "gptq", GPTQ4), ("awq", "awq", AWQ4), ("eetq", "eetq", EETQ),
+                                      ("int8", "bnb", BNB8), ("aqlm", "aqlm", AQLM2X8))
+       for suffix in ("", "-fast")},
 }
 ORDER = ["qadapt-nf4-fast", "unsloth-nf4", "qadapt-nf4-fast-eager", "qadapt-nf4-lean", "unsloth-nf4-offload",
          "qadapt-nf4-fast-normrecompute", "bf16-peft", "qadapt-nf4", "qadapt-hqq-fast", "qadapt-torchao-fast", "nf4-raw",
          "qadapt-hqq", "qadapt-torchao", "qadapt-bf16-fast", "qadapt-torchao-nf4-fast", "qadapt-torchao-nf4"]
 #: the plain path each prepared row is compared with (the switch's gain)
 PLAIN = {name: "qadapt-nf4" for name in ("qadapt-nf4-fast", "qadapt-nf4-fast-eager", "qadapt-nf4-lean",
-                                         "qadapt-nf4-lean-compile", "qadapt-nf4-fast-normrecompute",
+                                         "qadapt-nf4-lean-compile", "qadapt-nf4-lean-recompute",
+                                         "qadapt-nf4-fast-normrecompute",
                                          "qadapt-nf4-default", "qadapt-nf4-fast-compile", "qadapt-nf4-fast-mlprecompute",
                                          *(f"qadapt-nf4-fast-mlp{n}" for n in (8, 9, 10, 12, 16)))}
 PLAIN.update({"qadapt-hqq-fast": "qadapt-hqq", "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft",
               "qadapt-torchao-nf4-fast": "qadapt-torchao-nf4"})
+PLAIN.update({f"qadapt-{name}-fast": f"qadapt-{name}" for name in ("gptq", "awq", "eetq", "int8", "aqlm")})
 STEPS = {"8b": (2, 6), "full": (3, 10), "tiny": (1, 3)}  # (warm-up, timed)
 
 
@@ -131,7 +154,8 @@ def _report(row):
     if "error" in row:
         log(f"[{row['setting']}] FAILED: {row['error']}")
         return
-    log(f"[{row['setting']}] {row['tokens_per_s']:,.0f} tok/s, peak {_gib(row['peak_gib'])} GiB, after load "
+    log(f"[{row['setting']}] {row['tokens_per_s']:,.0f} tok/s, peak {_gib(row['peak_gib'])} GiB (reserved "
+        f"{_gib(row.get('peak_reserved_gib'))}), after load "
         f"{_gib(row['after_load_gib'])} GiB, loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}")
     kernels = row.get("kernels")
     if kernels:
@@ -176,6 +200,9 @@ def run_row(args) -> dict:
                      profile_kernels=args.profile_kernels and cuda))
     if cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # what the allocator holds from the GPU, its cache and CUDA graph pools included (a recorded graph's working
+        # memory is reserved, not allocated, between replays)
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     else:
         row["after_load_gib"] = row["peak_gib"] = None  # a CPU has no allocator statistics: speed ratios only
     return row
@@ -201,12 +228,26 @@ def build_qadapt(args, spec):
     options = dict(spec["options"])
     if spec["backend"] in ("bnb", "hqq"):
         options["compute_dtype"] = str(dtype).replace("torch.", "")
+    if spec["backend"] in ("gptq", "awq"):
+        options["dtype"] = str(dtype).replace("torch.", "")
+    saved = os.path.join(args.folder, f"quantized-{spec['backend']}")
     if spec["backend"] is None:
         model = load_full(args.folder, dtype, device)
     elif spec["backend"] == "hqq":  # HQQ converts an in-memory model (on the host) layer by layer onto the GPU
         model = qadapt.load(load_full(args.folder, dtype, "cpu"), backend="hqq", **options)
+    elif spec["backend"] in SLOW_TO_QUANTIZE and os.path.isdir(saved):
+        model = qadapt.load(saved)  # a qadapt checkpoint: it records its backend and options (the kernel too)
     else:
-        model = qadapt.load(args.folder, backend=spec["backend"], **options)
+        calibration = None
+        if spec["backend"] in ("gptq", "awq"):
+            size = sizes()[args.size]
+            generator = torch.Generator().manual_seed(1)
+            calibration = [torch.randint(0, size["model"]["vocab_size"], (1, size["seq"]), generator=generator)
+                           for _ in range(size["calib"])]
+        model = qadapt.load(args.folder, backend=spec["backend"], calibration=calibration, **options)
+        if spec["backend"] in SLOW_TO_QUANTIZE:
+            qadapt.save(model, saved + ".tmp")
+            os.replace(saved + ".tmp", saved)
     model = qadapt.attach(model, "lora", r=16, lora_alpha=32, lora_dropout=0.0)
     extra = {"load_s": time.perf_counter() - start}
     if spec["prepare"]:
@@ -303,7 +344,7 @@ def train(model, size_name, cuda, trace_memory=False, profile_kernels=False):
 def markdown(runs) -> str:
     """One table over (meta, rows) pairs: per shape and row, speed, memory, losses, gain over the plain path and
     ratio to unsloth's nf4 row of the same run."""
-    lines = ["| shape | setting | tokens/s | peak GiB | after load GiB | loss first -> last | vs its plain path | "
+    lines = ["| shape | setting | tokens/s | peak GiB (reserved) | after load GiB | loss first -> last | vs its plain path | "
              "vs unsloth nf4 (tok/s, peak) |", "|---|---|---|---|---|---|---|---|"]
     for meta, rows in runs:
         shape = {"8b": "Llama-3-8B", "full": "TinyLlama-1.1B", "tiny": "tiny (CPU)"}.get(meta.get("size"), meta.get("size"))
@@ -321,7 +362,8 @@ def markdown(runs) -> str:
                     gain += f", {r['peak_gib'] - plain['peak_gib']:+.2f} GiB"
             versus = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x, {r['peak_gib'] / peer['peak_gib']:.2f}x" \
                 if peer and peer.get("peak_gib") and r["peak_gib"] is not None else "-"
-            lines.append(f"| {shape} | {r['setting']} | {r['tokens_per_s']:,.0f} | {_gib(r['peak_gib'])} | "
+            reserved = f" ({_gib(r['peak_reserved_gib'])})" if r.get("peak_reserved_gib") else ""
+            lines.append(f"| {shape} | {r['setting']} | {r['tokens_per_s']:,.0f} | {_gib(r['peak_gib'])}{reserved} | "
                          f"{_gib(r['after_load_gib'])} | {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} | {gain} | "
                          f"{versus} |")
     return "\n".join(lines)

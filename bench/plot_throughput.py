@@ -1,7 +1,8 @@
 """Plot LoRA training tokens/s against peak GPU memory, one point per backend setting.
 
     python bench/plot_throughput.py out/throughput/results.json docs/throughput_vs_memory.png
-    # several runs in one plot (a setting already plotted from an earlier file is skipped)
+    # several runs in one plot, in the order they ran (a setting measured again in a later file replaces the earlier
+    # point: a row name keeps its meaning of the latest run, e.g. bench/peers.py's "lean" once it replayed CUDA graphs)
     python bench/plot_throughput.py docs/bench-results/throughput-h100-full.json \
         docs/bench-results/throughput-h100-packed.json docs/bench-results/throughput-h100-aqlm.json \
         docs/bench-results/throughput-h100-eetq.json docs/bench-results/tune-h100-compile.json \
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         more, run_title = points_from(path)
         title = title or run_title + (f" ({len(results)} runs)" if len(results) > 1 else "")
         for setting, point in more.items():
-            points.setdefault(setting, point)
+            points[setting] = point
     plot(points, title, png)
     return 0
 

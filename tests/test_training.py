@@ -15,6 +15,7 @@ the end; on a CPU their wiring and fallback messages are tested instead.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import sys
 import types
@@ -561,10 +562,64 @@ def test_compile_auto_and_graphs_say_what_they_resolve_to_off_cuda():
     third_party = adapted("rowwise-int8")  # a backend that has not declared its route compiles: never compiled by auto
     note = qadapt.prepare(third_party, "fast").parts["compile"].notes[0]
     assert "backend 'rowwise-int8' has not been verified under torch.compile" in note
+    # bnb declares its 4-bit route compiles; LLM.int8 layers have no route and run bitsandbytes' own forward
+    backend_ready("bnb")
+    int8 = qadapt.attach(qadapt.load(toy.build_model(**SHAPE), backend="bnb", bits=8), "lora", r=8)
+    note = qadapt.prepare(int8, "fast").parts["compile"].notes[0]
+    assert "not compiled: 14 quantized layers keep the bnb backend's own forward (no training route" in note
+
+
+class EagerRecorder:
+    """What the graphs' plumbing sees from a recorder, without CUDA: the recorded function runs again at each replay
+    (the static tensors, the copies in and out, the gradients autograd gets are the real ones)."""
+
+    def record(self, function):
+        function()
+        return function
+
+
+@pytest.mark.parametrize("backend", [None, "bnb"])
+@pytest.mark.parametrize("stash", ["host", "device"])
+def test_checkpointed_layers_replayed_from_recordings_train_like_eager_checkpointing(backend, stash):
+    """Two layers replayed through one set of static tensors; two steps of AdamW, a second batch shape (recorded
+    again), a replaced parameter (recorded again): the losses and gradients of eager checkpointing each time."""
+    from qadapt.training import compiling, graphed
+    from qadapt.training.patching import Patches
+
+    eager, replayed = adapted(backend), adapted(backend)
+    qadapt.prepare(eager, "lean", compile="off")  # eager offloaded checkpointing through transformers' hook
+    qadapt.prepare(replayed, "fast", compile="off")  # the same fused parts, no checkpointing: the graphs add it
+    graphs = graphed.install(Patches(), compiling.layers(replayed.base_model.model), stash, EagerRecorder())
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (eager, replayed)]
+    for index, ids in enumerate([batch(), batch(seed=2), batch(seed=3, size=(1, 48)), batch(seed=4)]):
+        if index == 3:  # a parameter replaced (same values, another tensor): the old recording reads the old one
+            lora_a = replayed.base_model.model.model.layers[1].self_attn.q_proj.lora_A["default"]
+            lora_a.weight = torch.nn.Parameter(lora_a.weight.detach().clone())
+            optimizers[1] = torch.optim.AdamW([p for p in replayed.parameters() if p.requires_grad], lr=1e-2)
+            optimizers[1].load_state_dict(copy.deepcopy(optimizers[0].state_dict()))  # else they share state
+        (loss_eager, grads_eager), (loss, grads) = step(eager, ids), step(replayed, ids)
+        assert abs(loss - loss_eager) / loss_eager < 1e-6 and worst(grads, grads_eager) < 1e-5, index
+        for optimizer in optimizers:
+            optimizer.step()
+    assert graphs.recordings == 2 * 2 + 2 * 2 + 2  # per layer: two shapes x (forward, backward); layer 1 again
+    with torch.no_grad():  # evaluation runs the layers' own calls
+        torch.testing.assert_close(replayed(input_ids=batch()).logits, eager(input_ids=batch()).logits)
+
+
+def test_a_layer_that_draws_random_numbers_is_not_replayed_from_recordings():
+    from qadapt.training import graphed
+
+    plain = toy.build_model(**SHAPE)
+    assert graphed.why_not(plain.model.layers[0]) == ""
+    dropping = toy.build_model(**SHAPE, attention_dropout=0.1)
+    assert "attention_dropout=0.1" in graphed.why_not(dropping.model.layers[0])
+    with_lora_dropout = qadapt.attach(toy.build_model(**SHAPE), "lora", r=4, lora_dropout=0.1)
+    assert "dropout with p=0.1" in graphed.why_not(with_lora_dropout.base_model.model.model.layers[0])
 
 
 @pytest.mark.parametrize("parts, match", [
-    ({"compile": "graphs", "checkpoint": "recompute"}, "a CUDA graph replays.*compile='regional', or checkpoint='off'"),
+    ({"compile": "graphs", "checkpoint": "recompute", "checkpoint_layers": 1}, "replay checkpointed layers only.*"
+     "Checkpoint every layer"),
     ({"compile": "regional", "norm": "recompute"}, "grad_fn, which torch.compile cannot read.*norm='lean'"),
     ({"checkpoint_layers": 4}, "checkpoint is 'off'.*Pass checkpoint='recompute'"),
     ({"checkpoint": "recompute", "checkpoint_layers": 0}, "positive number of layers"),
@@ -647,6 +702,19 @@ def test_gpu_liger_rmsnorm_and_swiglu_match_the_torch_functions():
     assert _liger_swiglu() is not None
 
 
+def _training_peaks(model, ids, steps):
+    """(max allocated, max reserved) bytes over ``steps`` AdamW steps of ``model`` on ``ids``."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+
+
 @gpu
 def test_gpu_fast_peaks_well_below_the_plain_path():
     """batch 4 x 512, hidden 1024, 4 layers, vocab 32,000 on bnb nf4: the fused parts and the chunked loss cut the
@@ -657,16 +725,7 @@ def test_gpu_fast_peaks_well_below_the_plain_path():
                               num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
         if mode:
             qadapt.prepare(model, mode)
-        ids = torch.randint(0, 32000, (4, 512), device="cuda")
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return _training_peaks(model, torch.randint(0, 32000, (4, 512), device="cuda"), steps=2)[0]
 
     plain, fast, lean = peak(None), peak("fast"), peak("lean")
     # at this size the activations the offloaded checkpointing saves are small: lean beats fast at 8B (6.5 vs 16.3 GiB,
@@ -705,3 +764,57 @@ def test_gpu_mlp_recompute_under_cuda_graphs_trains_like_eager_and_keeps_less(ba
         loss, grads = step(compiled, ids)
     assert abs(loss - loss_eager) / loss_eager < 1e-2 and worst(grads, grads_eager) < 5e-2
 
+
+
+def _graphs_of(model):
+    """The LayerGraphs qadapt.prepare installed on ``model``'s decoder layers (None if none)."""
+    from qadapt.training import compiling
+
+    for _, layer in compiling.layers(model.base_model.model):
+        call = layer.__dict__.get("_compiled_call_impl")
+        if call is not None and getattr(call, "args", None):
+            return call.args[0]
+    return None
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["bnb", "hqq", None])
+@pytest.mark.parametrize("checkpoint", ["offload", "recompute"])
+def test_gpu_checkpointed_layers_replay_as_cuda_graphs_and_train_like_eager(checkpoint, backend):
+    """prepare("lean") on CUDA (compile="auto"): each layer's forward and its recompute with backward recorded once
+    per batch shape and replayed; the losses and gradients of eager checkpointing, step after step."""
+    eager = _cuda_adapted(backend)
+    qadapt.prepare(eager, "lean", checkpoint=checkpoint, compile="off")
+    replayed = _cuda_adapted(backend)
+    report = qadapt.prepare(replayed, "lean", checkpoint=checkpoint)
+    assert "recorded as CUDA graphs by qadapt" in report.parts["compile"].how, report
+    assert "replayed as CUDA graphs" in report.parts["checkpoint"].how and not report.fallbacks, report
+    graphs = _graphs_of(replayed)
+    assert graphs is not None and graphs.stash == ("host" if checkpoint == "offload" else "device")
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (eager, replayed)]
+    for index, ids in enumerate([batch(size=(2, 64)).cuda(), batch(seed=2, size=(2, 64)).cuda(),
+                                 batch(seed=3, size=(1, 96)).cuda(), batch(seed=4, size=(2, 64)).cuda()]):
+        (loss_eager, grads_eager), (loss, grads) = step(eager, ids), step(replayed, ids)
+        assert abs(loss - loss_eager) / loss_eager < 1e-2 and worst(grads, grads_eager) < 5e-2, index
+        for optimizer in optimizers:
+            optimizer.step()
+    assert graphs.recordings == 2 * 2 * 2  # two layers, two batch shapes, forward and backward: recorded once each
+
+
+@gpu
+def test_gpu_replayed_checkpointed_layers_keep_what_eager_checkpointing_keeps():
+    """At a shape where activations dominate (8 layers, 4 x 1024 tokens), the replayed lean step peaks within 10 %
+    (+ 32 MiB of static tensors) of the eager one. The graphs' working memory is reserved, not allocated, between
+    replays: every graph shares one pool, so the reserved peak stays near eager's too (a pool per graph would hold
+    16 layers' working memory)."""
+
+    def peaks(**parts):
+        model = _cuda_adapted("bnb", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                              num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+        qadapt.prepare(model, "lean", **parts)
+        torch.cuda.empty_cache()  # the reserved peak of this model, not of the one before
+        return _training_peaks(model, torch.randint(0, 32000, (4, 1024), device="cuda"), steps=3)
+
+    (eager, eager_reserved), (replayed, replayed_reserved) = peaks(compile="off"), peaks()
+    assert replayed < 1.1 * eager + 2**25, (eager, replayed)
+    assert replayed_reserved < 1.5 * eager_reserved, (eager_reserved, replayed_reserved)

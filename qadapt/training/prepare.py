@@ -9,7 +9,7 @@ from ..errors import IncompatibleError, InvalidOptionError
 from ..plugins import backend_of
 from ..proxy import unwrap
 from ..record import base_model, get_record
-from . import checkpointing, compiling, dequant, dtypes, lora, loss, mlp, norm
+from . import checkpointing, compiling, dequant, dtypes, graphed, lora, loss, mlp, norm
 from .patching import Patches
 from .report import PartReport, PrepareReport
 from .settings import resolve
@@ -37,7 +37,8 @@ def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, 
     (``mlp="fused"``), a lean RMSNorm (``norm="lean"``, Liger's kernel on CUDA), a loss that never materialises the
     logits (``loss="auto"``: Liger's fused linear cross-entropy on CUDA, else cut-cross-entropy, else qadapt's
     chunked torch loss), and on CUDA each decoder layer compiled with CUDA graphs (``compile="auto"``). ``"lean"``:
-    ``"fast"`` with the layer inputs offloaded to host memory (``checkpoint="offload"``; compiled without graphs).
+    ``"fast"`` with the layer inputs offloaded to host memory (``checkpoint="offload"``; on CUDA each layer's forward
+    and its recompute with backward replayed as CUDA graphs).
     ``"off"``: undo a previous call.
 
     Every part can be set on its own (``None``: the mode's choice): ``checkpoint`` ("off", "recompute", "offload" or
@@ -46,7 +47,8 @@ def prepare(model, mode: str = "default", *, checkpoint=None, input_grads=None, 
     ``norm`` ("off", "lean", "recompute": qadapt's torch norm whose output the fused layers after it
     recompute instead of keeping, 1 GiB less at Llama-3-8B, without checkpointing only), ``loss`` ("off", "auto",
     "liger", "cce", "torch"), ``compile`` ("off", "regional": each decoder layer compiled, "graphs": that with CUDA
-    graphs, "auto": on CUDA "graphs", or "regional" under checkpointing, where the backend declares its route
+    graphs (under checkpointing, each checkpointed layer's forward and its recompute with backward recorded by
+    qadapt), "auto": on CUDA "graphs" ("regional" with ``checkpoint_layers``) where the backend declares its route
     compiles, else "off"), ``dequant`` ("backend", "recompute", "cache": keep the de-quantized weight from the
     forward for the backward, faster, at bf16 weight memory), ``loss_chunk`` (rows per loss chunk),
     ``checkpoint_layers`` (checkpoint only that many decoder layers, spread evenly: a memory/speed dial between
@@ -129,7 +131,7 @@ def plan(model, settings):
     # parts, and a closure would read the last part's list (the fused MLP patched the norms, then nothing)
     steps = []
     # inside compiled layers the torch paths run (inductor fuses them), not Liger's kernels
-    compiled, compile_note = _compile_choice(settings, on_cuda, backend)
+    compiled, compile_note = _compile_choice(settings, on_cuda, backend, _without_route(inner, backend))
     has_adapter = isinstance(model, peft.PeftModel) or bool(getattr(inner, "peft_config", None))
 
     # dtypes and freezing (PEFT's kbit preparation)
@@ -148,7 +150,7 @@ def plan(model, settings):
 
     # checkpointing and input gradients
     part = report.add(PartReport("checkpoint", settings.checkpoint))
-    checkpointed = []
+    checkpointed, graph_fallback = [], ""
     if settings.checkpoint != "off":
         why = checkpointing.supports(inner)
         if why:
@@ -156,12 +158,23 @@ def plan(model, settings):
         else:
             checkpointed = checkpointing.chosen_layers(compiling.layers(inner), settings.checkpoint_layers)
             offload = settings.checkpoint == "offload"
+            if compiled == "graphs":
+                compiled, graph_problem = _graphed_or_regional(settings, inner, checkpointed)
+                if graph_problem and settings.compile == "graphs":
+                    graph_fallback = graph_problem
+                elif graph_problem:
+                    compile_note = f"auto: compiled without CUDA graphs under checkpointing: {graph_problem}"
             part.how = {"recompute": "each decoder layer recomputed in the backward (torch.utils.checkpoint, "
                                      "non-reentrant)",
                         "offload": "each decoder layer recomputed in the backward from its input kept in pinned "
                                    "host memory (copied on a side CUDA stream)"}[settings.checkpoint]
-            steps.append(lambda p, how=settings.checkpoint, names=checkpointed:
-                         checkpointing.enable(p, inner, how, names))
+            if compiled == "graphs":  # qadapt's graphs do the checkpointing: not transformers' hook
+                part.how = part.how.replace("(torch.utils.checkpoint, non-reentrant)", "from its input kept on the "
+                                            "device") + "; its forward and its recompute with backward replayed as " \
+                    "CUDA graphs (see compile)"
+            else:
+                steps.append(lambda p, how=settings.checkpoint, names=checkpointed:
+                             checkpointing.enable(p, inner, how, names))
             part.modules = checkpointed
             if settings.checkpoint_layers is not None and settings.checkpoint_layers > len(checkpointed):
                 part.notes.append(f"checkpoint_layers={settings.checkpoint_layers}: the model has "
@@ -271,6 +284,8 @@ def plan(model, settings):
 
     # regional compilation
     part = report.add(PartReport("compile", settings.compile))
+    if graph_fallback:
+        part.fallbacks[""] = graph_fallback
     if compile_note:
         part.notes.append(compile_note)
     if compiled:
@@ -279,33 +294,69 @@ def plan(model, settings):
             part.fallbacks[""] = "no decoder layers (GradientCheckpointingLayer) to compile"
         else:
             graphs = compiled == "graphs"
-            part.how = ("torch.compile(fullgraph=True" + (", mode='reduce-overhead': CUDA graphs" if graphs else "")
-                        + ") on each decoder layer (the first steps compile; anything dynamo cannot trace stops the "
-                        "first step with its error)")
+            if graphs and checkpointed:
+                part.how = ("torch.compile(fullgraph=True) on each decoder layer, each checkpointed layer's forward "
+                            "and its recompute with backward recorded as CUDA graphs by qadapt (torch.cuda.graph, "
+                            "one memory pool) and replayed (the first steps compile and record)")
+            else:
+                part.how = ("torch.compile(fullgraph=True" + (", mode='reduce-overhead': CUDA graphs" if graphs else "")
+                            + ") on each decoder layer (the first steps compile; anything dynamo cannot trace stops "
+                            "the first step with its error)")
             part.modules = [n for n, _ in found]
             if graphs:
                 part.notes.append("each new batch shape compiles and records again: pad or pack batches to a few "
                                   "fixed lengths")
-            steps.append(lambda p, found=found, graphs=graphs: compiling.compile_layers(p, found, graphs))
+            if graphs and checkpointed:
+                stash = "host" if settings.checkpoint == "offload" else "device"
+                chosen = [(n, m) for n, m in found if n in set(checkpointed)]
+                steps.append(lambda p, found=found, chosen=chosen, stash=stash: (
+                    compiling.compile_layers(p, found), graphed.install(p, chosen, stash)))
+            else:
+                steps.append(lambda p, found=found, graphs=graphs: compiling.compile_layers(p, found, graphs))
     return report, steps
 
 
-def _compile_choice(settings, on_cuda, backend):
+def _without_route(inner, backend):
+    """Names of the quantized layers that keep their backend's own forward (no training route)."""
+    return [name for name, module in inner.named_modules()
+            if backend.is_quantized_layer(module) and backend.training_dequantizer(module) is None]
+
+
+def _compile_choice(settings, on_cuda, backend, without_route=()):
     """(what compiles: "", "regional" or "graphs"; a note on how "auto" or "graphs" resolved, or "")."""
     if settings.compile == "auto":
         if not backend.training_route_compiles:
             return "", (f"auto: not compiled: backend '{backend.name}' has not been verified under torch.compile "
                         "(QuantBackend.training_route_compiles); compile='graphs' tries it")
+        if without_route:  # what was verified is the route; these layers run the library's own forward
+            return "", (f"auto: not compiled: {len(without_route)} quantized layers keep the {backend.name} "
+                        f"backend's own forward (no training route, e.g. {without_route[0]}), which has not "
+                        "been verified under torch.compile (bitsandbytes' LLM.int8 layers failed inside inductor's "
+                        "CUDA graphs: H200, torch 2.11); compile='graphs' tries it")
         if not on_cuda:
             return "", "auto: not compiled off CUDA (CUDA graphs are what pays; CPU steps are not launch-bound)"
-        if settings.checkpoint != "off":  # a checkpointed layer runs twice, differently: no CUDA graphs
-            return "regional", "auto: compiled without CUDA graphs under checkpointing"
+        if settings.checkpoint != "off" and settings.checkpoint_layers is not None:
+            return "regional", ("auto: compiled without CUDA graphs with checkpoint_layers (the graphs under "
+                                "checkpointing replay checkpointed layers only)")
+        if settings.checkpoint != "off":
+            return "graphs", ("auto: CUDA graphs (the model is on CUDA; each checkpointed layer's forward and its "
+                              "recompute with backward recorded by qadapt)")
         if settings.norm == "recompute":
             return "", "auto: not compiled with norm='recompute' (torch.compile cannot read the grad_fn it relies on)"
         return "graphs", "auto: CUDA graphs (the model is on CUDA and not checkpointed)"
     if settings.compile == "graphs" and not on_cuda:
         return "regional", "graphs: CUDA graphs need CUDA; compiled without them (mode 'default')"
     return ("" if settings.compile == "off" else settings.compile), ""
+
+
+def _graphed_or_regional(settings, inner, checkpointed):
+    """("graphs", "") where every checkpointed layer can be replayed as recorded graphs, else ("regional", why)."""
+    layers = dict(compiling.layers(inner))
+    for name in checkpointed:
+        why = graphed.why_not(layers[name])
+        if why:
+            return "regional", f"{name}: {why}; compiled without CUDA graphs"
+    return "graphs", ""
 
 
 def _eligible(part, found, why_not, none_found):

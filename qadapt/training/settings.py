@@ -77,11 +77,13 @@ def resolve(mode: str, parts: dict, loss_chunk=None, checkpoint_layers=None, mlp
         raise InvalidOptionError("prepare(lora='fused', dequant='backend')", "the fused LoRA layers de-quantize "
                                  "through the backend's training route; dequant='backend' leaves every layer to the "
                                  "backend's own forward", "Pass dequant='recompute' (or 'cache'), or lora='peft'")
-    if chosen["compile"] == "graphs" and chosen["checkpoint"] != "off":
-        raise InvalidOptionError(f"prepare(compile='graphs', checkpoint={chosen['checkpoint']!r})",
-                                 "a CUDA graph replays a fixed sequence of kernels; a checkpointed layer runs once "
-                                 "without gradients and again in the backward", "Pass compile='regional', or "
-                                 "checkpoint='off'")
+    if chosen["compile"] == "graphs" and checkpoint_layers is not None and chosen["checkpoint"] != "off":
+        raise InvalidOptionError(f"prepare(compile='graphs', checkpoint={chosen['checkpoint']!r}, "
+                                 f"checkpoint_layers={checkpoint_layers})", "under checkpointing, CUDA graphs replay "
+                                 "checkpointed layers only (qadapt records each one's forward and its recompute with "
+                                 "backward); the layers left unchecked would need torch.compile's graphs beside them",
+                                 "Checkpoint every layer (leave checkpoint_layers out), pass compile='regional', or "
+                                 "use mlp='recompute' with mlp_layers: the dial that keeps CUDA graphs")
     if chosen["compile"] in ("regional", "graphs") and chosen["norm"] == "recompute":
         raise InvalidOptionError(f"prepare(compile={chosen['compile']!r}, norm='recompute')",
                                  "the fused layers find a recomputable norm output through its grad_fn, which "
@@ -127,8 +129,9 @@ _HELP = {
     "loss": "'auto': Liger's fused linear cross-entropy on CUDA, else cut-cross-entropy, else qadapt's chunked torch "
             "loss; or name one; 'off'",
     "compile": "'regional': torch.compile each decoder layer; 'graphs': that with CUDA graphs (mode "
-               "'reduce-overhead'; CUDA, no checkpointing); 'auto': on CUDA 'graphs', or 'regional' under "
-               "checkpointing, where the backend's route is known to compile, else 'off'; 'off'",
+               "'reduce-overhead'; under checkpointing, each checkpointed layer's forward and its recompute with "
+               "backward recorded by qadapt; CUDA); 'auto': on CUDA 'graphs' ('regional' with checkpoint_layers) "
+               "where the backend's route is known to compile, else 'off'; 'off'",
     "dequant": "'recompute': de-quantize again in the backward; 'cache': keep the forward's weight for the backward "
                "(faster, bf16 weight memory); 'backend': each layer's own forward",
 }
