@@ -602,15 +602,26 @@ def test_checkpointed_layers_replayed_from_recordings_train_like_eager_checkpoin
         for optimizer in optimizers:
             optimizer.step()
     assert graphs.recordings == 2 * 2 + 2 * 2 + 2  # per layer: two shapes x (forward, backward); layer 1 again
+    # transformers collects hidden states through forward hooks, which a replay would not run: eager checkpointing
+    ids = batch()
+    (_, grads_eager), (_, grads) = step(eager, ids), step(replayed, ids)
+    expected = eager(input_ids=ids, labels=ids, output_hidden_states=True, use_cache=False).hidden_states
+    got = replayed(input_ids=ids, labels=ids, output_hidden_states=True, use_cache=False).hidden_states
+    assert len(got) == len(expected) == 3 and graphs.eager_calls == 2
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert worst(grads, grads_eager) < 1e-5
     with torch.no_grad():  # evaluation runs the layers' own calls
         torch.testing.assert_close(replayed(input_ids=batch()).logits, eager(input_ids=batch()).logits)
 
 
-def test_a_layer_that_draws_random_numbers_is_not_replayed_from_recordings():
+def test_a_layer_that_draws_random_numbers_or_is_offloaded_is_not_replayed_from_recordings():
     from qadapt.training import graphed
 
     plain = toy.build_model(**SHAPE)
     assert graphed.why_not(plain.model.layers[0]) == ""
+    plain.model.layers[1].mlp._hf_hook = object()  # what accelerate's device_map offloading leaves on a module
+    assert "mlp has an accelerate hook" in graphed.why_not(plain.model.layers[1])
     dropping = toy.build_model(**SHAPE, attention_dropout=0.1)
     assert "attention_dropout=0.1" in graphed.why_not(dropping.model.layers[0])
     with_lora_dropout = qadapt.attach(toy.build_model(**SHAPE), "lora", r=4, lora_dropout=0.1)

@@ -14,7 +14,10 @@ hooks fire) as for any layer. A graph reads its tensors at the addresses it saw 
 whose parameters moved or were replaced records again, and so does a new batch shape.
 
 What it cannot replay, refused when planning (:func:`why_not`): random numbers inside the layer (dropout: the two
-graphs would draw different masks, and the recompute would not be the forward). At the first step (a
+graphs would draw different masks, and the recompute would not be the forward), sharded parameters (FSDP2's
+all-gathers run in module hooks), accelerate's offloading hooks. A training forward that asks transformers for the
+layers' hidden states or attentions (collected by forward hooks, which a replay does not run) runs as eager
+checkpointing instead. At the first step (a
 :class:`qadapt.IncompatibleError`): a layer argument other than the hidden state that requires grad, or one that is
 not a tensor or a plain value.
 """
@@ -28,14 +31,21 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import IncompatibleError
-from .checkpointing import _to_host
+from .checkpointing import _to_host, offloaded_checkpoint, recompute_checkpoint
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
 def why_not(layer) -> str:
     """Why ``layer`` cannot be replayed as recorded graphs ("" if it can)."""
+    for name, param in layer.named_parameters():
+        if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
+            return (f"{name} is sharded (a DTensor): its all-gather runs in module hooks, which a recorded graph "
+                    "replays without their host side")
     for name, module in layer.named_modules():
+        if hasattr(module, "_hf_hook"):
+            return (f"{name or type(layer).__name__} has an accelerate hook (device_map offloading moves its weights "
+                    "in each forward, to other addresses each time)")
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
             return (f"{name or type(layer).__name__} is a dropout with p={module.p}: the recompute's graph would draw "
                     "other masks than the forward's")
@@ -86,7 +96,8 @@ class LayerGraphs:
         self.stash, self.recorder = stash, recorder
         self.layers: dict = {}  # id(layer) -> (addresses, {signature: _Recorded})
         self.statics: dict = {}
-        self.recordings = 0
+        self.recordings = 0  # graphs recorded
+        self.eager_calls = 0  # training calls run as eager checkpointing (transformers collecting layer outputs)
 
     def static(self, role, like):
         key = (role, tuple(like.shape), like.dtype, like.device)
@@ -213,10 +224,26 @@ class _GraphedLayer(torch.autograd.Function):
         return (None, None, None, None, None, recorded.dx.clone(), *grads)
 
 
+def _collecting_outputs() -> bool:
+    """Is transformers collecting per-layer outputs (``output_hidden_states``/``output_attentions``)? Its forward
+    hooks on the layers do that, and a replayed graph runs no hook."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older transformers return them from the layers' outputs
+        return False
+    collecting = _active_collector.get()  # {} in every forward; a key per output asked for
+    return bool(collecting) and any(not key.startswith("_") for key in collecting)
+
+
 def _call(graphs, layer, inner, *args, **kwargs):
     """A decoder layer's call: replayed in training with gradients on; as before otherwise (evaluation, generate)."""
     if not (layer.training and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor)):
         return inner(*args, **kwargs)
+    if _collecting_outputs():  # eager checkpointing, so that the hooks run (once: the recompute collects nothing)
+        graphs.eager_calls += 1
+        if graphs.stash == "host":
+            return offloaded_checkpoint(inner, *args, **kwargs)
+        return recompute_checkpoint()(inner, *args, **kwargs)
     hidden = args[0]
     for name in ("past_key_values", "layer_past"):  # what transformers' checkpointing drops too: a cache would be
         if kwargs.get(name) is not None:           # written again by the recompute
