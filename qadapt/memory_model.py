@@ -18,6 +18,12 @@
   token, and recomputes one layer at a time.
 * **logits**: ``(dtype + 4 + 4)`` bytes per token and vocabulary entry (the logits, cross-entropy's float32
   log-softmax, its gradient).
+* **``prepare="fast"``** (:func:`qadapt.prepare`): the fused layers keep ``dtype x (6h + 2i + 4r + 2kv) + 4 heads + 8``
+  bytes per layer and token whatever the backend (counted the same way, on full precision, bnb nf4 and HQQ: the fused
+  LoRA layers de-quantize again in the backward and keep no weight), ``2i`` fewer per MLP with ``mlp="recompute"``;
+  the loss keeps no logits, only one chunk's transients (12 bytes per vocabulary entry, 256 MiB a chunk).
+  **``"lean"``**: that, each layer recomputed from its input kept in host memory (one hidden state per layer and
+  token on the host).
 
 Peak = the end of the forward (everything above), or a checkpointed layer's recompute, whichever is larger. CPU
 offload (FSDP2's ``CPUOffloadPolicy``) moves the sharded weights, the adapter and its optimizer to host memory.
@@ -108,12 +114,15 @@ class MemoryPlan:
 
 def predict(config, backend=None, options: dict | None = None, *, method: str = "lora", batch: int = 4,
             seq: int = 512, world_size: int = 1, engine: str = "none", checkpointing: bool = False,
-            offload: bool = False, lora_r: int = 16, dtype_bytes: int | None = None) -> MemoryPlan:
+            offload: bool = False, lora_r: int = 16, dtype_bytes: int | None = None, prepare: str | None = None,
+            mlp_recompute_layers: int = 0) -> MemoryPlan:
     """Predict the per-rank peak memory of training a LoRA adapter on ``config`` (a config dict or object, a
     :class:`Shape`, or a model folder) quantized by ``backend`` (a name, an instance, or None for full precision).
 
     :param batch: the micro-batch of one rank; ``seq``: tokens per sequence.
     :param engine: ``"none"`` (one process), ``"fsdp2"`` or ``"zero3"``; ``world_size``: ranks sharing the model.
+    :param prepare: ``"fast"`` or ``"lean"``: :func:`qadapt.prepare`'s mode (None: PEFT's layers, as attached);
+        ``mlp_recompute_layers``: with it, how many MLPs recompute gate and up (``mlp="recompute"``, ``mlp_layers``).
     """
     shape = _shape(config)
     p = dtype_bytes or shape.dtype_bytes
@@ -125,6 +134,15 @@ def predict(config, backend=None, options: dict | None = None, *, method: str = 
     if engine == "none" and (world_size != 1 or offload):
         raise InvalidOptionError("plan without an engine", "several ranks and offload need a sharding engine",
                                  "Pass engine='fsdp2' (or 'zero3')")
+    if prepare not in (None, "fast", "lean"):
+        raise InvalidOptionError(f"plan with prepare={prepare!r}", "the memory model counts prepare's 'fast' and "
+                                 "'lean' modes", "Pass prepare='fast' or 'lean', or leave it out (PEFT's layers)")
+    if prepare and checkpointing:
+        raise InvalidOptionError(f"plan with prepare={prepare!r} and checkpointing", "the mode says whether layers "
+                                 "are checkpointed ('lean': offloaded; 'fast': not)", "Leave checkpointing out")
+    if mlp_recompute_layers and not prepare:
+        raise InvalidOptionError("plan with mlp_recompute_layers", "it counts prepare's mlp='recompute'",
+                                 "Pass prepare='fast' (or 'lean') with it")
     profile, name = _profile(backend, options, p)
     world = world_size if engine != "none" else 1
     tokens = batch * seq
@@ -148,22 +166,32 @@ def predict(config, backend=None, options: dict | None = None, *, method: str = 
     lora = shape.layers * sum(lora_r * (a + b) for a, b in shape.linears())
     adapter = lora * 16 / world
 
-    layer_activations = _activations(shape, tokens, lora_r, p, profile)
-    if checkpointing:
-        saved, recompute = shape.layers * tokens * shape.hidden * p, layer_activations
+    hidden_per_layer = tokens * shape.hidden * p
+    host = 0.0
+    if prepare:
+        layer_activations = _fused_activations(shape, tokens, lora_r, p)
+        recomputing = min(mlp_recompute_layers, shape.layers)
+        if prepare == "lean":
+            saved, recompute, host = 0.0, layer_activations, shape.layers * hidden_per_layer
+        else:
+            saved, recompute = shape.layers * layer_activations - recomputing * tokens * 2 * shape.intermediate * p, 0.0
+        logits = 12 * shape.vocab * min(tokens, max(16, 2**28 // (12 * shape.vocab)))  # one chunk of the loss
     else:
-        saved, recompute = shape.layers * layer_activations, 0.0
-    logits = (p + 4 + 4) * tokens * shape.vocab
+        layer_activations = _activations(shape, tokens, lora_r, p, profile)
+        if checkpointing:
+            saved, recompute = shape.layers * hidden_per_layer, layer_activations
+        else:
+            saved, recompute = shape.layers * layer_activations, 0.0
+        logits = (p + 4 + 4) * tokens * shape.vocab
 
     device_static = sharded + replicated + adapter
-    host = 0.0
     if offload:
-        host, device_static = sharded + adapter, replicated
+        host, device_static = host + sharded + adapter, replicated
     at_forward_end = device_static + unsharded + saved + logits
     at_recompute = device_static + unsharded + saved + recompute + 2 * tokens * shape.hidden * 4
     settings = {"backend": name, "options": dict(options or {}), "method": method, "batch": batch, "seq": seq,
                 "world_size": world, "engine": engine, "checkpointing": checkpointing, "offload": offload,
-                "lora_r": lora_r, "dtype_bytes": p}
+                "lora_r": lora_r, "dtype_bytes": p, "prepare": prepare, "mlp_recompute_layers": mlp_recompute_layers}
     return MemoryPlan(weights_sharded=0.0 if offload else sharded, weights_replicated=replicated,
                       unsharded_units=unsharded, adapter_and_optimizer=0.0 if offload else adapter,
                       activations=saved, recompute=recompute, logits=logits, peak=max(at_forward_end, at_recompute),
@@ -193,6 +221,14 @@ def _profile(backend, options, dtype_bytes):
         raise IncompatibleError(f"plan memory for backend '{backend.name}'", "the backend declares no memory profile",
                                 "Plan with another backend, or measure")
     return profile, backend.name
+
+
+def _fused_activations(shape: Shape, tokens: int, r: int, p: int) -> float:
+    """Bytes one decoder layer keeps for the backward under ``qadapt.prepare("fast")`` (counted as
+    :func:`_activations`' terms: fused LoRA layers keep their input and the r-wide ``x A^T``, the fused MLP its
+    input, gate and up, the lean norms their input and one float32 per row, attention what SDPA keeps)."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    return (p * (6 * h + 2 * i + 4 * r + 2 * kv) + 4 * shape.heads + 8) * tokens
 
 
 def _activations(shape: Shape, tokens: int, r: int, p: int, profile) -> float:

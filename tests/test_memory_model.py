@@ -66,6 +66,68 @@ def test_prediction_within_15_percent_of_the_measured_run(row):
     found = next(r for r in calibration() if r["label"] == label)
     assert abs(found["error"]) < 0.15, found
 
+#: qadapt.prepare's modes (H200, bench/peers.py, 2026-12-01/02; bnb nf4 + double quant, LoRA r=16 on every linear
+#: layer, AdamW, 4 x 512, bfloat16): (label, shape, prepare, MLPs recomputing, peak GiB, GiB allocated once loaded,
+#: attached and prepared, source)
+MEASURED_PREPARED = [
+    ("8B fast", LLAMA3_8B, "fast", 0, 12.82, 5.50, "peers-h200-8b.json qadapt-nf4-fast"),
+    ("8B fast, eager", LLAMA3_8B, "fast", 0, 12.90, 5.50, "peers-h200-8b.json qadapt-nf4-fast-eager"),
+    ("8B fast, mlp='recompute' everywhere", LLAMA3_8B, "fast", 32, 9.65, 5.50,
+     "peers-h200-8b-mlp.json qadapt-nf4-fast-mlprecompute"),
+    ("8B fast, mlp_layers=10", LLAMA3_8B, "fast", 10, 11.73, 5.50, "peers-h200-8b-target.json qadapt-nf4-fast-mlp10"),
+    ("8B lean, replayed graphs", LLAMA3_8B, "lean", 0, 6.29, 5.47, "peers-h200-8b-lean-graphs.json qadapt-nf4-lean"),
+    ("8B lean, regional compile", LLAMA3_8B, "lean", 0, 6.48, 5.50, "peers-h200-8b.json qadapt-nf4-lean-compile"),
+    ("1.1B fast", TINYLLAMA, "fast", 0, 3.03, 0.81, "peers-h200-1.1b.json qadapt-nf4-fast"),
+]
+
+
+@pytest.mark.parametrize("row", MEASURED_PREPARED, ids=[row[0] for row in MEASURED_PREPARED])
+def test_prepared_prediction_within_15_percent_of_the_measured_run(row):
+    """``qadapt plan --prepare fast|lean``: what training adds to the loaded, prepared model (docs/bench-results)."""
+    backend_ready("bnb")
+    label, shape, prepare, recomputing, measured, before, _ = row
+    plan = predict(shape, "bnb", NF4, batch=4, seq=512, dtype_bytes=2, prepare=prepare,
+                   mlp_recompute_layers=recomputing)
+    held = plan.weights_sharded + plan.weights_replicated + 4 * plan.lora_parameters
+    predicted = before + (plan.peak - held) / GiB
+    assert abs(predicted - measured) / measured < 0.15, (label, predicted, measured)
+
+
+def test_the_fast_path_keeps_what_the_memory_model_counts():
+    """The per-token formula of ``prepare="fast"`` against autograd's saved tensors of a prepared toy (bfloat16 and
+    float32, two widths): the bytes a second decoder layer adds are the formula's, exactly."""
+    import torch
+
+    import qadapt
+    from qadapt.memory_model import _fused_activations
+    from qadapt.testing import toy
+
+    from .test_training import saved_bytes
+
+    for dtype, width in ((torch.bfloat16, 256), (torch.float32, 384)):
+        kept = []
+        for layers in (1, 2):
+            model = toy.build_model(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=512, dtype=dtype)
+            peft_model = qadapt.attach(model, "lora", r=8, lora_dropout=0.0)
+            qadapt.prepare(peft_model, "fast", compile="off", loss="torch")
+            kept.append(saved_bytes(peft_model, torch.randint(0, 512, (1, 64))))
+        shape = Shape(hidden=width, intermediate=2 * width, layers=1, heads=4, kv_heads=2, vocab=512,
+                      head_dim=width // 4)
+        assert kept[1] - kept[0] == _fused_activations(shape, 64, 8, torch.finfo(dtype).bits // 8), dtype
+
+
+def test_plan_refuses_a_prepare_mode_it_does_not_count():
+    import qadapt
+
+    with pytest.raises(qadapt.InvalidOptionError, match="counts prepare's 'fast' and 'lean'"):
+        predict(LLAMA3_8B, prepare="default")
+    with pytest.raises(qadapt.InvalidOptionError, match="Leave checkpointing out"):
+        predict(LLAMA3_8B, prepare="lean", checkpointing=True)
+    with pytest.raises(qadapt.InvalidOptionError, match="Pass prepare='fast'"):
+        predict(LLAMA3_8B, mlp_recompute_layers=4)
+
+
 #: FSDP2 runs through qadapt.distributed at world size 1 (H200, tests/gpu_sharded.sh, 2026-12-01): the process held
 #: the quantized model only, so the prediction of the whole peak is compared as it is: (label, checkpointing, peak GiB)
 MEASURED_SHARDED = [
@@ -117,6 +179,9 @@ def test_qadapt_plan_prints_json(tiny_dir, capsys):
     assert plan["settings"]["engine"] == "fsdp2" and plan["settings"]["world_size"] == 2
     assert plan["peak"] > plan["logits"] > 0 and plan["gib"]["peak"] == round(plan["peak"] / GiB, 3)
     assert main(["plan", str(tiny_dir), "--backend", "eetq-not-there"]) == 2
+    assert main(["plan", str(tiny_dir), "--backend", "bnb", "--prepare", "lean", "--json"]) == 0
+    lean = json.loads(capsys.readouterr().out)
+    assert lean["settings"]["prepare"] == "lean" and lean["activations"] == 0 < lean["host"] and lean["recompute"] > 0
 
 
 def test_qadapt_plan_says_when_the_engine_would_refuse_what_it_predicts(tiny_dir, capsys):

@@ -589,7 +589,10 @@ def test_checkpointed_layers_replayed_from_recordings_train_like_eager_checkpoin
     eager, replayed = adapted(backend), adapted(backend)
     qadapt.prepare(eager, "lean", compile="off")  # eager offloaded checkpointing through transformers' hook
     qadapt.prepare(replayed, "fast", compile="off")  # the same fused parts, no checkpointing: the graphs add it
-    graphs = graphed.install(Patches(), compiling.layers(replayed.base_model.model), stash, EagerRecorder())
+    replayed.base_model.model.gradient_checkpointing_enable()  # transformers' own, left on: the graphs take over
+    layers, patches = compiling.layers(replayed.base_model.model), Patches()
+    graphs = graphed.install(patches, layers, stash, EagerRecorder())
+    assert not any(layer.gradient_checkpointing for _, layer in layers)
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (eager, replayed)]
     for index, ids in enumerate([batch(), batch(seed=2), batch(seed=3, size=(1, 48)), batch(seed=4)]):
         if index == 3:  # a parameter replaced (same values, another tensor): the old recording reads the old one
@@ -611,6 +614,8 @@ def test_checkpointed_layers_replayed_from_recordings_train_like_eager_checkpoin
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
     assert worst(grads, grads_eager) < 1e-5
+    patches.undo()  # what prepare("off") does: the layers' own calls and the caller's checkpointing back
+    assert all(layer._compiled_call_impl is None and layer.gradient_checkpointing for _, layer in layers)
     with torch.no_grad():  # evaluation runs the layers' own calls
         torch.testing.assert_close(replayed(input_ids=batch()).logits, eager(input_ids=batch()).logits)
 

@@ -20,6 +20,9 @@ def add_parser(commands) -> None:
     plan.add_argument("--lora-r", type=int, default=16)
     plan.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     plan.add_argument("--offload", action="store_true", help="CPU offload of shards and optimizer (FSDP2)")
+    plan.add_argument("--prepare", choices=("fast", "lean"), help="qadapt.prepare's mode (default: PEFT's layers)")
+    plan.add_argument("--mlp-recompute-layers", type=int, default=0, metavar="N",
+                      help="with --prepare: N MLPs recompute gate and up (prepare's mlp='recompute', mlp_layers=N)")
     plan.add_argument("--json", action="store_true")
 
 
@@ -29,7 +32,7 @@ def run(args) -> int:
     engine = args.engine or ("fsdp2" if args.gpus > 1 else "none")
     plan = predict(args.model, args.backend, parse_options(args.option), batch=args.batch, seq=args.seq,
                    world_size=args.gpus, engine=engine, checkpointing=args.checkpointing, offload=args.offload,
-                   lora_r=args.lora_r)
+                   lora_r=args.lora_r, prepare=args.prepare, mlp_recompute_layers=args.mlp_recompute_layers)
     if args.json:
         print_json({**plan.to_dict(), "gib": plan.gib()})
         return 0
@@ -37,7 +40,9 @@ def run(args) -> int:
     options = "".join(f" {k}={v}" for k, v in settings["options"].items())
     print(f"{args.model}: backend {settings['backend']}{options}, LoRA r={settings['lora_r']}, batch "
           f"{settings['batch']} x {settings['seq']}, {settings['world_size']} rank(s), engine {settings['engine']}"
-          f"{', checkpointing' if settings['checkpointing'] else ''}{', CPU offload' if settings['offload'] else ''}")
+          f"{', checkpointing' if settings['checkpointing'] else ''}{', CPU offload' if settings['offload'] else ''}"
+          + (f", prepare {settings['prepare']!r}" if settings["prepare"] else "")
+          + (f" ({settings['mlp_recompute_layers']} MLPs recomputing)" if settings["mlp_recompute_layers"] else ""))
     for key, value in plan.gib().items():
         if key not in ("peak", "host"):
             print(f"  {key:<24} {value:8.2f} GiB")

@@ -63,6 +63,8 @@ def install(patches, layers, stash: str, recorder=None) -> "LayerGraphs":
     for _, layer in layers:
         inner = layer._compiled_call_impl or layer._call_impl
         patches.set(layer, "_compiled_call_impl", functools.partial(_call, graphs, layer, inner))
+        if layer.__dict__.get("gradient_checkpointing"):  # transformers' own, enabled by the caller: the graphs
+            patches.set(layer, "gradient_checkpointing", False)  # checkpoint instead (restored by prepare("off"))
     return graphs
 
 

@@ -159,7 +159,7 @@ def plan(model, settings):
             checkpointed = checkpointing.chosen_layers(compiling.layers(inner), settings.checkpoint_layers)
             offload = settings.checkpoint == "offload"
             if compiled == "graphs":
-                compiled, graph_problem = _graphed_or_regional(settings, inner, checkpointed)
+                compiled, graph_problem = _graphed_or_regional(inner, checkpointed)
                 if graph_problem and settings.compile == "graphs":
                     graph_fallback = graph_problem
                 elif graph_problem:
@@ -349,7 +349,7 @@ def _compile_choice(settings, on_cuda, backend, without_route=()):
     return ("" if settings.compile == "off" else settings.compile), ""
 
 
-def _graphed_or_regional(settings, inner, checkpointed):
+def _graphed_or_regional(inner, checkpointed):
     """("graphs", "") where every checkpointed layer can be replayed as recorded graphs, else ("regional", why)."""
     layers = dict(compiling.layers(inner))
     for name in checkpointed:
