@@ -81,7 +81,7 @@ def resolve(mode: str, parts: dict, loss_chunk=None, checkpoint_layers=None, mlp
         raise InvalidOptionError(f"prepare(compile='graphs', checkpoint={chosen['checkpoint']!r}, "
                                  f"checkpoint_layers={checkpoint_layers})", "under checkpointing, CUDA graphs replay "
                                  "checkpointed layers only (qadapt records each one's forward and its recompute with "
-                                 "backward); the layers left unchecked would need torch.compile's graphs beside them",
+                                 "backward); the layers not checkpointed would need torch.compile's graphs beside them",
                                  "Checkpoint every layer (leave checkpoint_layers out), pass compile='regional', or "
                                  "use mlp='recompute' with mlp_layers: the dial that keeps CUDA graphs")
     if chosen["compile"] in ("regional", "graphs") and chosen["norm"] == "recompute":
