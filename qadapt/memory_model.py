@@ -175,7 +175,9 @@ def predict(config, backend=None, options: dict | None = None, *, method: str = 
             saved, recompute, host = 0.0, layer_activations, shape.layers * hidden_per_layer
         else:
             saved, recompute = shape.layers * layer_activations - recomputing * tokens * 2 * shape.intermediate * p, 0.0
-        logits = 12 * shape.vocab * min(tokens, max(16, 2**28 // (12 * shape.vocab)))  # one chunk of the loss
+        from .training.loss import auto_chunk  # (imports torch: only when a prepare mode is planned)
+
+        logits = 12 * shape.vocab * min(tokens, auto_chunk(shape.vocab))  # one chunk of the loss
     else:
         layer_activations = _activations(shape, tokens, lora_r, p, profile)
         if checkpointing:

@@ -43,6 +43,13 @@ MEASURED = [
 ]
 
 
+def _on_top_of(before, plan) -> float:
+    """GiB: what the process held before training plus what ``plan`` says training adds to the model's weights and
+    adapter parameters (resident before the first step)."""
+    held = plan.weights_sharded + plan.weights_replicated + 4 * plan.lora_parameters
+    return before + (plan.peak - held) / GiB
+
+
 def calibration() -> list[dict]:
     """Every run of :data:`MEASURED` (``docs/bench-results/``) against the prediction: what the process held before
     training plus what :func:`predict` says training adds to the model's weights and adapter parameters."""
@@ -50,8 +57,7 @@ def calibration() -> list[dict]:
     for label, shape, backend, options, checkpointing, measured, before, source in MEASURED:
         batch = 16 if "batch 16" in label else 4
         plan = predict(shape, backend, options, batch=batch, seq=512, checkpointing=checkpointing, dtype_bytes=2)
-        held = plan.weights_sharded + plan.weights_replicated + 4 * plan.lora_parameters  # resident before step 1
-        predicted = before + (plan.peak - held) / GiB
+        predicted = _on_top_of(before, plan)
         rows.append({"label": label, "measured_gib": measured, "predicted_gib": round(predicted, 2),
                      "model_alone_gib": round(plan.peak / GiB, 2), "error": round((predicted - measured) / measured, 4),
                      "source": "docs/bench-results/" + source})
@@ -88,8 +94,7 @@ def test_prepared_prediction_within_15_percent_of_the_measured_run(row):
     label, shape, prepare, recomputing, measured, before, _ = row
     plan = predict(shape, "bnb", NF4, batch=4, seq=512, dtype_bytes=2, prepare=prepare,
                    mlp_recompute_layers=recomputing)
-    held = plan.weights_sharded + plan.weights_replicated + 4 * plan.lora_parameters
-    predicted = before + (plan.peak - held) / GiB
+    predicted = _on_top_of(before, plan)
     assert abs(predicted - measured) / measured < 0.15, (label, predicted, measured)
 
 

@@ -164,15 +164,16 @@ def plan(model, settings):
                     graph_fallback = graph_problem
                 elif graph_problem:
                     compile_note = f"auto: compiled without CUDA graphs under checkpointing: {graph_problem}"
-            part.how = {"recompute": "each decoder layer recomputed in the backward (torch.utils.checkpoint, "
-                                     "non-reentrant)",
-                        "offload": "each decoder layer recomputed in the backward from its input kept in pinned "
-                                   "host memory (copied on a side CUDA stream)"}[settings.checkpoint]
             if compiled == "graphs":  # qadapt's graphs do the checkpointing: not transformers' hook
-                part.how = part.how.replace("(torch.utils.checkpoint, non-reentrant)", "from its input kept on the "
-                                            "device") + "; its forward and its recompute with backward replayed as " \
-                    "CUDA graphs (see compile)"
+                kept = {"recompute": "on the device",
+                        "offload": "in pinned host memory (copied on a side CUDA stream)"}[settings.checkpoint]
+                part.how = (f"each decoder layer recomputed in the backward from its input kept {kept}; its forward "
+                            "and its recompute with backward replayed as CUDA graphs (see compile)")
             else:
+                part.how = {"recompute": "each decoder layer recomputed in the backward (torch.utils.checkpoint, "
+                                         "non-reentrant)",
+                            "offload": "each decoder layer recomputed in the backward from its input kept in pinned "
+                                       "host memory (copied on a side CUDA stream)"}[settings.checkpoint]
                 steps.append(lambda p, how=settings.checkpoint, names=checkpointed:
                              checkpointing.enable(p, inner, how, names))
             part.modules = checkpointed
@@ -308,7 +309,8 @@ def plan(model, settings):
                                   "fixed lengths")
             if graphs and checkpointed:
                 stash = "host" if settings.checkpoint == "offload" else "device"
-                chosen = [(n, m) for n, m in found if n in set(checkpointed)]
+                names = set(checkpointed)
+                chosen = [(n, m) for n, m in found if n in names]
                 steps.append(lambda p, found=found, chosen=chosen, stash=stash: (
                     compiling.compile_layers(p, found), graphed.install(p, chosen, stash)))
             else:
