@@ -252,8 +252,7 @@ def build_qadapt(args, spec):
     extra = {"load_s": time.perf_counter() - start}
     if spec["prepare"]:
         report = qadapt.prepare(model, spec["prepare"], **spec.get("parts", {}))
-        extra["prepare"] = report.to_dict()
-        extra["fallbacks"] = [list(f) for f in report.fallbacks]
+        extra["prepare"] = report.to_dict()  # its "fallbacks" name every module that fell back, and why
         log(str(report))
     return model, extra
 

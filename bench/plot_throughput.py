@@ -38,8 +38,8 @@ def points_from(results_path):
         if "error" not in row and row.get("peak_gib") is not None:
             points[row["setting"]] = (row["tokens_per_s"], row["peak_gib"])
     meta = data["meta"]
-    title = f"{meta['device']}, {meta['size']} ({meta['batch']}x{meta['seq']}, LoRA r=16), {meta['date'][:10]}"
-    return points, title
+    title = f"{meta['device']}, {meta['size']} ({meta['batch']}x{meta['seq']}, LoRA r=16)"
+    return points, title, meta["date"][:10]
 
 
 def plot(points, title, path):
@@ -80,13 +80,14 @@ def main(argv=None) -> int:
         return 0
     if not results:
         parser.error("give at least one results.json before the PNG (or --reference)")
-    points, title = {}, None
+    points, title, dates = {}, None, []
     for path in results:
-        more, run_title = points_from(path)
-        title = title or run_title + (f" ({len(results)} runs)" if len(results) > 1 else "")
-        for setting, point in more.items():
-            points[setting] = point
-    plot(points, title, png)
+        more, run_title, date = points_from(path)
+        title, dates = title or run_title, dates + [date]
+        points.update(more)  # a later run's row replaces an earlier one's
+    first, last = min(dates), max(dates)
+    plot(points, f"{title}, {first if first == last else f'{first} to {last}'}"
+         + (f" ({len(results)} runs)" if len(results) > 1 else ""), png)
     return 0
 
 

@@ -43,8 +43,9 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
     :param cpu_offload: let the map put modules on the CPU, where they stay in full precision (bitsandbytes'
         ``llm_int8_enable_fp32_cpu_offload``); :func:`qadapt.placement.placement_of` lists them.
     :param options: the backend's options (``qadapt backends --json`` lists them), checked before any work. For an
-        already-quantized folder, the options it holds are read from it; only runtime options (a kernel, a compute
-        dtype) may be chosen, and one that contradicts the folder is refused.
+        already-quantized folder or a checkpoint written by :func:`save`, the options it holds are read from it; only
+        runtime options (a kernel, a compute dtype) may be chosen, and one that contradicts the folder is refused.
+        So a trained checkpoint is served on a faster kernel with ``qadapt.load(path, kernel=...)``.
 
     What the load did (every matmul weight, quantized or kept in full precision and why, bits per weight) is logged
     once at INFO on the ``qadapt`` logger and returned by :func:`load_report`.
@@ -58,14 +59,15 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
     if isinstance(model, str):
         checkpoint.recover_for_load(model)  # a killed overwrite may have left the old checkpoint as its backup
     if isinstance(model, str) and checkpoint.is_checkpoint(model):
-        if backend is not None or options or device_map is not None or max_memory is not None or cpu_offload:
+        if device_map is not None or max_memory is not None or cpu_offload:
             raise InvalidOptionError(
-                f"load {model!r} with backend={backend!r}",
-                "this is a qadapt checkpoint: it records its own backend and options",
-                "Call qadapt.load(path) alone",
+                f"load {model!r} with a placement (device_map, max_memory or cpu_offload)",
+                "a qadapt checkpoint is loaded whole onto this process's device",
+                "Call qadapt.load(path) without them, or load its base/ folder with them and then "
+                "qadapt.load_adapter(model, path)",
             )
         with progress.step(f"load checkpoint {model!r}", heartbeat=True):
-            return checkpoint.load(model, trainable=trainable)
+            return checkpoint.load(model, trainable=trainable, backend=backend, options=options)
     if trainable:
         raise InvalidOptionError("load with trainable=True", "trainable applies to a folder written by qadapt.save "
                                  "(it makes its adapter trainable)", "Attach an adapter with qadapt.attach")

@@ -26,6 +26,11 @@ class TinygemmInt4Linear(HQQLinearTorchWeightOnlynt4):
                         del_orig=False, initialize=False, padding=False)
         return converted.initialize_with_hqq_quants(layer.W_q, layer.meta, layer.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.compute_dtype:  # a float32 model with compute_dtype='bfloat16': tinygemm takes bfloat16
+            return super().forward(x.to(self.compute_dtype)).to(x.dtype)
+        return super().forward(x)
+
     @torch.no_grad()
     def process_hqq_quants(self, W_q, meta):
         scales, zeros, shape = meta["scale"], meta["zero"], meta["shape"]

@@ -77,6 +77,14 @@ def test_gpu_train_merge_save_then_serve_on_the_int4_kernel(hqq, tmp_path):
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2
     with pytest.raises(qadapt.IncompatibleError, match="kernel='default'"):
         qadapt.attach(served, "lora", r=8)
+    # the checkpoint itself, in one call, and a float32 model served on bfloat16's kernel
+    served = qadapt.load(tmp_path / "merged", kernel="torchao_int4")
+    assert sum(isinstance(m, TinygemmInt4Linear) for m in served.modules()) == 14
+    with torch.no_grad():
+        assert ((served(input_ids=ids).logits.float() - expected).norm() / expected.norm()).item() < 2e-2
+    float32 = qadapt.load(toy.build_model(), backend="hqq", compute_dtype="bfloat16", kernel="torchao_int4")
+    with torch.no_grad():
+        assert float32(input_ids=ids).logits.dtype == torch.float32
 
 
 def test_a_half_precision_model_built_in_memory_reloads_in_its_dtype(hqq, tmp_path):

@@ -354,6 +354,55 @@ def test_trainable_needs_an_adapter(tiny_dir, tmp_path):
         qadapt.load(tiny_dir, backend="hqq", trainable=True)
 
 
+def test_a_checkpoint_loads_with_another_runtime_option_and_is_served_with_it(tiny_dir, batches, tmp_path):
+    """``qadapt.load(checkpoint, **runtime options)``: the trained checkpoint run another way (here HQQ's matmul in
+    bfloat16 on a float32 model; on a GPU, ``kernel="torchao_int4"``) in one call, its adapter with it."""
+    backend_ready("hqq")
+    from hqq.core.quantize import HQQLinear
+
+    trained = qadapt.attach(qadapt.load(tiny_dir, backend="hqq"), "lora", r=4, init_lora_weights=False)
+    trained.eval()
+    qadapt.save(trained, tmp_path / "out")
+    served = qadapt.load(tmp_path / "out", compute_dtype="bfloat16")
+    assert get_record(served).options["compute_dtype"] == "bfloat16"
+    layers = [m for m in served.modules() if isinstance(m, HQQLinear)]
+    assert layers and {m.compute_dtype for m in layers} == {torch.bfloat16}
+    assert adapter_weights(served).keys() == adapter_weights(trained).keys()
+    got, expected = logits(served, batches[0]), logits(trained, batches[0])
+    assert got.dtype == torch.float32 and (got - expected).norm() / expected.norm() < 2e-2
+    # the same load with the option the checkpoint holds gives the saved model exactly
+    assert torch.equal(logits(qadapt.load(tmp_path / "out", backend="hqq", compute_dtype="auto"), batches[0]), expected)
+
+
+@pytest.mark.parametrize("asked, message", [
+    (dict(bits=8), "bits=8 asked, 4 in the folder"),
+    (dict(backend="bnb"), "loading it as bnb would quantize packed values"),
+    (dict(nope=1), "'hqq' has no option 'nope'"),
+    (dict(device_map="cpu"), "loaded whole onto this process's device"),
+])
+def test_a_checkpoint_refuses_options_that_say_what_its_weights_are(tiny_dir, tmp_path, asked, message):
+    backend_ready("hqq")
+    from qadapt.checkpoint.files import sha256
+
+    qadapt.save(qadapt.attach(qadapt.load(tiny_dir, backend="hqq"), "lora", r=4), tmp_path / "out")
+    files = {p: sha256(p) for p in map(str, (tmp_path / "out").rglob("*")) if os.path.isfile(p)}
+    with pytest.raises(qadapt.InvalidOptionError) as refused:
+        qadapt.load(tmp_path / "out", **asked)
+    assert message in str(refused.value)
+    if "bits" in asked:
+        assert "options you may choose here: compute_dtype, kernel" in refused.value.hint
+    assert {p: sha256(p) for p in files} == files
+
+
+def test_a_full_precision_checkpoint_has_no_runtime_option_to_choose(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    qadapt.save(qadapt.attach(AutoModelForCausalLM.from_pretrained(tiny_dir), "lora", r=4), tmp_path / "out")
+    with pytest.raises(qadapt.InvalidOptionError, match="base is in full precision") as refused:
+        qadapt.load(tmp_path / "out", backend="hqq")
+    assert "load its base/ folder with backend=" in refused.value.hint
+
+
 def _trainer(model, batches, output_dir, **arguments):
     from transformers import Trainer, TrainingArguments
 

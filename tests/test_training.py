@@ -661,6 +661,32 @@ def test_offloaded_checkpointing_and_compile_are_reported_per_layer():
     assert all(m._compiled_call_impl is None for m in model.modules())
 
 
+@pytest.mark.parametrize("backend, checkpoint", [("torchao", "offload"), (None, "recompute")])
+def test_checkpointed_layers_compiled_regionally_train_like_eager(backend, checkpoint):
+    """transformers 5.23 checkpoints inside a layer's forward (5.17 in its ``__call__``): compiling the call traced
+    qadapt's offloaded checkpoint Function and the first step failed in dynamo ("Attempted to call function marked as
+    skipped"). The layer's own forward is compiled inside the checkpoint instead."""
+    ids = batch()
+    eager = adapted(backend)
+    qadapt.prepare(eager, "lean", compile="off", checkpoint=checkpoint)
+    compiled = adapted(backend)
+    report = qadapt.prepare(compiled, "lean", compile="regional", checkpoint=checkpoint)
+    assert report.parts["checkpoint"].modules == report.parts["compile"].modules == ["model.layers.0", "model.layers.1"]
+    for _ in range(2):
+        loss_eager, grads_eager = step(eager, ids)
+        loss_compiled, grads = step(compiled, ids)
+    assert abs(loss_compiled - loss_eager) / loss_eager < 1e-4 and worst(grads, grads_eager) < 1e-3
+
+
+def test_tensor_subclass_weights_are_not_replayed_as_recorded_graphs():
+    from qadapt.training import graphed
+
+    model = adapted("torchao")
+    why = graphed.why_not(model.base_model.model.model.layers[0])
+    assert "tensor subclass" in why and "Int8Tensor" in why
+    assert graphed.why_not(adapted(None).base_model.model.model.layers[0]) == ""
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.gpu
 

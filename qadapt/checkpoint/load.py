@@ -16,7 +16,9 @@ from .manifest import MANIFEST, check_loaded_layers, read_manifest
 from .source import load_source
 
 
-def load(path: str, *, trainable: bool = False):
+def load(path: str, *, trainable: bool = False, backend: str | None = None, options: dict | None = None):
+    """The checkpoint's model. ``backend`` (if given) must be the recorded one; ``options`` may hold only the
+    backend's runtime options (a kernel, a compute dtype), which replace the recorded ones for this load."""
     from ..unquantized import UNQUANTIZED
 
     recover_for_load(path)  # a killed overwrite may have left the old folder only as its backup
@@ -28,8 +30,16 @@ def load(path: str, *, trainable: bool = False):
                                  "Load it without trainable=, then attach a new adapter with qadapt.attach")
     backend_info = manifest["backend"]
     name = backend_info.get("name")
+    asked, runtime = backend, dict(options or {})
+    if name is None and (asked is not None or runtime):
+        raise InvalidOptionError(f"load {path!r} with {_listing(asked, runtime)}",
+                                 "the checkpoint's base is in full precision: there is nothing to run differently",
+                                 "Call qadapt.load(path) alone; to quantize its base, load its base/ folder with "
+                                 "backend=... and then qadapt.load_adapter(model, path)")
     backend = UNQUANTIZED if name is None else ready_backend(name, f"load {path!r}")
     options = _validated_options(backend, backend_info.get("options", {}), path)
+    if asked is not None or runtime:
+        options = _with_runtime_options(backend, options, asked, runtime, path)
     if name is not None:
         installed = backend.library_version()
         if backend_info.get("library_version") and installed != backend_info["library_version"]:
@@ -73,3 +83,17 @@ def _validated_options(backend, options: dict, path: str) -> dict:
     except QadaptError as exc:
         raise CheckpointError(f"load {path!r}", f"qadapt.json records options backend '{backend.name}' refuses: {exc}",
                               "Save the model again") from exc
+
+
+def _with_runtime_options(backend, recorded: dict, asked: str | None, runtime: dict, path: str) -> dict:
+    """The recorded options with the caller's runtime options in their place (refused like a pre-quantized
+    folder's: another backend, or an option that says what the weights are)."""
+    from ..folders import Claim, resolve
+
+    wanted = resolve(path, Claim(backend, recorded), asked, runtime)
+    return {**recorded, **{key: wanted[key] for key in runtime}}
+
+
+def _listing(asked, options) -> str:
+    return ", ".join(([f"backend={asked!r}"] if asked is not None else [])
+                     + [f"{key}={value!r}" for key, value in sorted(options.items())])

@@ -20,9 +20,38 @@ def compile_layers(patches, found, graphs: bool = False) -> None:
     import torch
 
     for _, layer in found:
+        if _checkpoints_in_forward(layer):
+            _compile_inside_checkpoint(patches, layer, graphs)
+            continue
         compiled = torch.compile(layer._call_impl, fullgraph=True, mode="reduce-overhead" if graphs else None)
         layer._compiled_call_impl = functools.partial(_without_cse, compiled)
         patches.on_undo(lambda layer=layer: setattr(layer, "_compiled_call_impl", None))
+
+
+def _checkpoints_in_forward(layer) -> bool:
+    """Does transformers checkpoint this layer inside its ``forward`` (transformers 5.23; 5.17 did it in
+    ``__call__``)? Then a compiled call would trace qadapt's checkpoint Functions, which dynamo cannot
+    ("Attempted to call function marked as skipped": ``torch.get_rng_state``)."""
+    return bool(layer.__dict__.get("gradient_checkpointing")) and \
+        getattr(getattr(type(layer).forward, "__code__", None), "co_name", "") == "forward_with_checkpointing"
+
+
+def _compile_inside_checkpoint(patches, layer, graphs: bool) -> None:
+    """Compile the layer's own forward and run it inside its checkpoint: transformers hands the checkpoint function
+    ``partial(forward, layer, **kwargs)``, whose ``forward`` becomes the compiled one (as under transformers 5.17,
+    where the checkpoint wrapped the compiled call). Evaluation forwards (not checkpointed) stay eager."""
+    import torch
+
+    original = type(layer).forward.__wrapped__
+    compiled = torch.compile(original, fullgraph=True, mode="reduce-overhead" if graphs else None)
+    checkpoint = layer._gradient_checkpointing_func
+
+    def through_compiled(function, *args, **kwargs):
+        if isinstance(function, functools.partial) and function.func is original:
+            function = functools.partial(_without_cse, compiled, *function.args, **function.keywords)
+        return checkpoint(function, *args, **kwargs)
+
+    patches.set(layer, "_gradient_checkpointing_func", through_compiled)
 
 
 def _without_cse(compiled, *args, **kwargs):

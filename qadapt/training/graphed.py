@@ -42,6 +42,9 @@ def why_not(layer) -> str:
         if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
             return (f"{name} is sharded (a DTensor): its all-gather runs in module hooks, which a recorded graph "
                     "replays without their host side")
+        if type(param) is not torch.nn.Parameter and hasattr(param, "__tensor_flatten__"):
+            return (f"{name} is a {type(param).__name__} (a tensor subclass, e.g. torchao's): it has no storage "
+                    "address of its own for the recorder to watch, and graphs over such weights were not verified")
     for name, module in layer.named_modules():
         if hasattr(module, "_hf_hook"):
             return (f"{name or type(layer).__name__} has an accelerate hook (device_map offloading moves its weights "
