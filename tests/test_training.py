@@ -678,6 +678,24 @@ def test_checkpointed_layers_compiled_regionally_train_like_eager(backend, check
     assert abs(loss_compiled - loss_eager) / loss_eager < 1e-4 and worst(grads, grads_eager) < 1e-3
 
 
+def test_where_qadapt_s_graphs_checkpoint_the_whole_layer_call_is_compiled():
+    """Under qadapt's recorded graphs (CUDA) the layers' own checkpointing is turned off, so a flag the user turned
+    on must not move the compilation inside a checkpoint that no longer runs (the layer would replay eagerly)."""
+    from qadapt.training import compiling
+    from qadapt.training.patching import Patches
+
+    model = adapted(None)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = compiling.layers(model)
+    patches = Patches()
+    compiling.compile_layers(patches, layers, transformers_checkpoints=False)
+    assert all(layer._compiled_call_impl is not None for _, layer in layers)
+    patches.undo()
+    compiling.compile_layers(patches, layers)  # transformers 5.23 checkpoints inside forward: compiled in there
+    assert all(layer._compiled_call_impl is None for _, layer in layers) == compiling._checkpoints_in_forward(layers[0][1])
+    patches.undo()
+
+
 def test_tensor_subclass_weights_are_not_replayed_as_recorded_graphs():
     from qadapt.training import graphed
 

@@ -13,14 +13,16 @@ def layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def compile_layers(patches, found, graphs: bool = False) -> None:
+def compile_layers(patches, found, graphs: bool = False, transformers_checkpoints: bool = True) -> None:
     """What ``Module.compile`` does, with ``fullgraph=True`` (a graph break inside qadapt's fused Functions ran them
     half traced and gave wrongly shaped outputs: H200, torch 2.11, Liger's kernels inside; a break is now an error at
-    the first step) and without common-subexpression elimination of the joint graph (see :func:`_without_cse`)."""
+    the first step) and without common-subexpression elimination of the joint graph (see :func:`_without_cse`).
+    ``transformers_checkpoints=False``: qadapt's recorded graphs take over the layers' checkpointing (their
+    ``gradient_checkpointing`` flag is turned off), so the whole call is compiled even where the flag is on now."""
     import torch
 
     for _, layer in found:
-        if _checkpoints_in_forward(layer):
+        if transformers_checkpoints and _checkpoints_in_forward(layer):
             _compile_inside_checkpoint(patches, layer, graphs)
             continue
         compiled = torch.compile(layer._call_impl, fullgraph=True, mode="reduce-overhead" if graphs else None)

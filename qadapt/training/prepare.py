@@ -312,7 +312,8 @@ def plan(model, settings):
                 names = set(checkpointed)
                 chosen = [(n, m) for n, m in found if n in names]
                 steps.append(lambda p, found=found, chosen=chosen, stash=stash: (
-                    compiling.compile_layers(p, found), graphed.install(p, chosen, stash)))
+                    compiling.compile_layers(p, found, transformers_checkpoints=False),
+                    graphed.install(p, chosen, stash)))
             else:
                 steps.append(lambda p, found=found, graphs=graphs: compiling.compile_layers(p, found, graphs))
     return report, steps
