@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     points, title, dates = {}, None, []
     for path in results:
         more, run_title, date = points_from(path)
-        title, dates = title or run_title, dates + [date]
+        title = title or run_title
+        dates.append(date)
         points.update(more)  # a later run's row replaces an earlier one's
     first, last = min(dates), max(dates)
     plot(points, f"{title}, {first if first == last else f'{first} to {last}'}"

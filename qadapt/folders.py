@@ -84,7 +84,7 @@ def resolve(path: str, claim: Claim, asked: str | None, options: dict) -> dict:
     ``backend=`` other than the claiming one, and options that contradict the folder or that only mean something
     when quantizing."""
     backend = claim.backend
-    source = f"the folder holds {backend.name} weights with {_listing(claim.options) or 'no options of their own'}"
+    source = f"the folder holds {backend.name} weights with {listing(claim.options) or 'no options of their own'}"
     if asked is not None and asked != backend.name:
         raise InvalidOptionError(
             f"load {path!r} with backend={asked!r}",
@@ -108,12 +108,13 @@ def resolve(path: str, claim: Claim, asked: str | None, options: dict) -> dict:
             differences.append(f"{key}={wanted[key]!r} asked, {held[key]!r} in the folder")
     if differences:
         raise InvalidOptionError(
-            f"load {path!r} with {_listing(options)}", f"{source}: " + "; ".join(differences),
+            f"load {path!r} with {listing(options)}", f"{source}: " + "; ".join(differences),
             "Leave those options out: they are read from the folder"
             + (f" (options you may choose here: {', '.join(sorted(runtime))})" if runtime else ""),
         )
     return wanted
 
 
-def _listing(options: dict) -> str:
+def listing(options: dict) -> str:
+    """``options`` as the caller wrote them: ``key=value``, sorted by key."""
     return ", ".join(f"{key}={value!r}" for key, value in sorted(options.items()))

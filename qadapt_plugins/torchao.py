@@ -79,8 +79,8 @@ class TorchAOBackend(_PlacementAndMemory, QuantBackend):
     install_hint = "pip install 'torchao>=0.12'  (the `torchao` extra of qadapt-lm)"
     requantize_policies = POLICIES
     requantize_uses_inputs = True
-    # int8 weight-only compiled with CUDA graphs and regionally on the H200 (docs/gpu-runs.md, 2026-12-02, seventh
-    # session), and NF4Tensor's route in the same run
+    # int8 weight-only passed the compiled-layers GPU test regionally and with CUDA graphs (H200, 2026-12-02); int8
+    # and NF4Tensor then trained compiled in bench/peers.py (docs/gpu-runs.md, seventh session)
     training_route_compiles = True
     peft_dispatchers = ("dispatch_torchao",)
     matrix_variants = ({"scheme": "int8_weight_only"}, {"scheme": "int4_weight_only"}, {"scheme": "nf4"})

@@ -7,6 +7,7 @@ import warnings
 
 from .. import scope
 from ..errors import CheckpointError, InvalidOptionError, QadaptError
+from ..folders import Claim, listing, resolve
 from ..hf import qadapt_only_backend
 from ..plugins import ready_backend
 from ..record import Record, set_record
@@ -32,7 +33,8 @@ def load(path: str, *, trainable: bool = False, backend: str | None = None, opti
     name = backend_info.get("name")
     asked, runtime = backend, dict(options or {})
     if name is None and (asked is not None or runtime):
-        raise InvalidOptionError(f"load {path!r} with {_listing(asked, runtime)}",
+        asked_for = {**({"backend": asked} if asked is not None else {}), **runtime}
+        raise InvalidOptionError(f"load {path!r} with {listing(asked_for)}",
                                  "the checkpoint's base is in full precision: there is nothing to run differently",
                                  "Call qadapt.load(path) alone; to quantize its base, load its base/ folder with "
                                  "backend=... and then qadapt.load_adapter(model, path)")
@@ -88,12 +90,5 @@ def _validated_options(backend, options: dict, path: str) -> dict:
 def _with_runtime_options(backend, recorded: dict, asked: str | None, runtime: dict, path: str) -> dict:
     """The recorded options with the caller's runtime options in their place (refused like a pre-quantized
     folder's: another backend, or an option that says what the weights are)."""
-    from ..folders import Claim, resolve
-
     wanted = resolve(path, Claim(backend, recorded), asked, runtime)
     return {**recorded, **{key: wanted[key] for key in runtime}}
-
-
-def _listing(asked, options) -> str:
-    return ", ".join(([f"backend={asked!r}"] if asked is not None else [])
-                     + [f"{key}={value!r}" for key, value in sorted(options.items())])
