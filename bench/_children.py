@@ -37,6 +37,7 @@ def run_child(script, extra, timeout, folder):
     if os.path.exists(result):
         with open(result) as handle:
             row = json.load(handle)
+        os.remove(result)
     if done.returncode and "error" not in row:
         row["error"] = f"exit status {done.returncode}"
     if "error" in row:

@@ -19,14 +19,26 @@ Kernels: bitsandbytes picks its own (a 4-bit GEMV for one token at a time, LLM.i
 switch; torchao's int4 weight-only scheme is tinygemm's int4 kernel (``scheme="int4_weight_only"``, CUDA, bf16;
 nothing trains on it, so it has no adapter rows); HQQ's default training backend de-quantizes every step (slow to
 serve), HQQ's ``kernel="torchao_int4"`` runs its layers on tinygemm's int4 kernel (HQQ's own conversion; serving
-only, so base rows: a merged model saved with the default kernel loads onto it the same way); gptq/awq's Marlin
-kernels are ``kernel="marlin"`` and need a folder quantized beforehand (``--gptq-folder``: calibrating at 8B does not
-fit the call).
+only, so base rows: a merged model saved with the default kernel loads onto it the same way).
+
+GPTQ and AWQ (gptqmodel) train on their torch kernel and serve on Marlin (``kernel="marlin"``, CUDA). Their torch
+row (``gptq-4bit``, ``awq-4bit``) quantizes the model (one random 128-token calibration sequence: the weights are
+random, so only the format matters here; ``load s`` includes it) or loads ``--gptq-folder``/``--awq-folder``, runs
+the adapter separate and merged, and saves both as qadapt checkpoints in the work folder; the Marlin rows then serve
+those checkpoints with ``qadapt.load(checkpoint, kernel="marlin")``, each in its own process: ``gptq-4bit-marlin``
+the adapter separate (PEFT's layers over Marlin's), ``gptq-4bit-marlin-merged`` merged (Marlin alone); the same for
+``awq-4bit``. ``--work DIR`` keeps the model and checkpoints between calls (an 8B GPTQ/AWQ set does not fit one
+10-minute call):
+
+    python3 bench/generate.py --size 8b --work out/g8b --rows gptq-4bit,gptq-4bit-marlin,gptq-4bit-marlin-merged
+    python3 bench/generate.py --size 8b --work out/g8b --rows awq-4bit,awq-4bit-marlin,awq-4bit-marlin-merged
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -50,10 +62,22 @@ ROWS = {
     # base only (a merged model saved with the default kernel loads onto it the same way)
     "hqq-4bit-torchao_int4": dict(backend="hqq", options=dict(bits=4, group_size=64, kernel="torchao_int4"),
                                   adapter=False),
-    "gptq-4bit-marlin": dict(backend="gptq", options=dict(kernel="marlin", dtype="bfloat16"), folder="gptq"),
+    # gptqmodel's torch kernel (trainable): quantized here (or --gptq-folder/--awq-folder); the adapter separate and
+    # merged are saved in the work folder as "<row>-trained" and "<row>-merged"
+    "gptq-4bit": dict(backend="gptq", options=dict(bits=4, group_size=128), calibrated=True),
+    "awq-4bit": dict(backend="awq", options=dict(bits=4, group_size=128), calibrated=True),
+    # Marlin (serving only): each of the torch row's two checkpoints loaded with kernel="marlin", in its own process
+    # (two checkpoints loaded one after the other in one process peaked at the sum of both on the H200)
+    **{f"{name}-4bit-marlin{suffix}": dict(backend=name, options=dict(kernel="marlin"),
+                                           serves=f"{name}-4bit-{checkpoint}", adapter=adapter)
+       for name in ("gptq", "awq")
+       for suffix, checkpoint, adapter in (("", "trained", "separate"), ("-merged", "merged", "merged"))},
 }
-ORDER = ["bf16", "bnb-nf4", "torchao-int8", "torchao-int4", "hqq-4bit-torchao_int4", "bnb-int8", "hqq-4bit"]
+ORDER = ["bf16", "bnb-nf4", "torchao-int8", "torchao-int4", "hqq-4bit-torchao_int4", "bnb-int8", "hqq-4bit",
+         "gptq-4bit", "gptq-4bit-marlin", "gptq-4bit-marlin-merged", "awq-4bit", "awq-4bit-marlin",
+         "awq-4bit-marlin-merged"]
 BATCHES = (1, 8)
+CALIBRATION_TOKENS = 128  # one random sequence: GPTQ/AWQ need calibration; on random weights its quality is moot
 
 
 def log(*args):
@@ -62,28 +86,55 @@ def log(*args):
 
 def run_parent(args) -> int:
     size = "tiny" if args.tiny else args.size
-    names = args.rows.split(",") if args.rows else list(ORDER) + (["gptq-4bit-marlin"] if args.gptq_folder else [])
+    names = args.rows.split(",") if args.rows else list(ORDER)
+    unknown = [name for name in names if name not in ROWS]
+    if unknown:
+        log(f"unknown rows: {', '.join(unknown)}; known: {', '.join(ROWS)}")
+        return 2
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "size": size,
             "command": " ".join([sys.executable] + sys.argv), "budget_s": args.budget, "prompt": args.prompt,
             "new_tokens": args.new, "batches": list(BATCHES), "adapter": "LoRA r=16 on every linear layer, random B",
             "merge": "qadapt.merge(strategy='requantize', policy='fresh' where the backend offers policies)"}
     rows = []
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="qadapt-generate-") as folder:
-        build = run_child(__file__, ["--build", "--size", size, "--folder", folder], args.budget, folder)
+    with contextlib.ExitStack() as stack:
+        if args.work:
+            folder = os.path.abspath(args.work)
+            os.makedirs(folder, exist_ok=True)
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="qadapt-generate-"))
+        build = built_model(folder, size, args.budget)
         if "error" in build:
             write_results(args.out, meta, [{"setting": "build", **build}], table=[])
             log(f"[build] FAILED: {build['error']}\n{build.get('output', '')}")
             return 1
         meta.update(build)
         common = ["--size", size, "--folder", folder, "--prompt", str(args.prompt), "--new", str(args.new)]
-        if args.gptq_folder:
-            common += ["--gptq-folder", args.gptq_folder]
+        for name in ("gptq", "awq"):
+            if getattr(args, f"{name}_folder"):
+                common += [f"--{name}-folder", os.path.abspath(getattr(args, f"{name}_folder"))]
         left = args.budget - (time.monotonic() - started)
         run_rows(__file__, names, common, left, folder, args.out, meta, rows, _report)
     write_results(args.out, meta, rows, table=table(rows))
     log(markdown([(meta, rows)]))
     return 0
+
+
+def built_model(folder, size, budget) -> dict:
+    """Build the random model into ``folder`` (in a child), or reuse the one a run with the same ``--work`` built."""
+    record = os.path.join(folder, "build.json")
+    if os.path.exists(record):
+        with open(record) as handle:
+            build = json.load(handle)
+        if build.get("size") == size:
+            return dict(build, reused=True)
+        return {"error": f"{folder} holds a {build.get('size')!r} model, not {size!r}: pass another --work folder"}
+    build = run_child(__file__, ["--build", "--size", size, "--folder", folder], budget, folder)
+    if "error" not in build:
+        with open(record + ".tmp", "w") as handle:
+            json.dump(dict(build, size=size), handle, default=str)
+        os.replace(record + ".tmp", record)
+    return build
 
 
 def _report(row):
@@ -108,21 +159,31 @@ def run_row(args) -> dict:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
+    vocab = SIZES[args.size]["model"]["vocab_size"]
+    if "serves" in spec:
+        return serve_checkpoint(args, spec, vocab, cuda)
     options = dict(spec["options"])
     if spec["backend"] in ("bnb", "hqq") and options.get("bits") == 4:
         options["compute_dtype"] = str(dtype).replace("torch.", "")
     start = time.perf_counter()
-    if spec.get("folder") == "gptq":
-        model = qadapt.load(args.gptq_folder, backend="gptq", **options)
+    row = {"cells": []}
+    if spec.get("calibrated"):
+        runtime = dict(kernel="torch", dtype=str(dtype).replace("torch.", ""))  # the trainable kernel
+        given = getattr(args, f"{spec['backend']}_folder")
+        if given:
+            model = qadapt.load(given, backend=spec["backend"], **runtime)
+        else:
+            ids = torch.randint(4, vocab, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
+            model = qadapt.load(args.folder, backend=spec["backend"], calibration=[ids], **options, **runtime)
+            row["quantized_here"] = f"1 x {CALIBRATION_TOKENS} random calibration tokens, included in load_s"
     elif spec["backend"] is None:
         model = load_full(args.folder, dtype, device)
     elif spec["backend"] == "hqq":
         model = qadapt.load(load_full(args.folder, dtype, "cpu"), backend="hqq", **options)
     else:
         model = qadapt.load(args.folder, backend=spec["backend"], **options)
-    row = {"load_s": time.perf_counter() - start, "cells": []}
-    vocab = SIZES[args.size]["model"]["vocab_size"]
-    if spec.get("adapter", True) and spec.get("folder") != "gptq":
+    row["load_s"] = time.perf_counter() - start
+    if spec.get("adapter", True):
         model = qadapt.attach(model, "lora", r=16, lora_alpha=32)
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -130,6 +191,8 @@ def run_row(args) -> dict:
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.01)
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="separate") for batch in BATCHES]
+        if spec.get("calibrated"):
+            row["save_s"] = save(model, os.path.join(args.folder, f"{args.row}-trained"))
         backend = qadapt.get_backend(spec["backend"]) if spec["backend"] else None
         start = time.perf_counter()
         policy = "fresh" if backend is not None and "fresh" in backend.requantize_policies else None
@@ -137,8 +200,34 @@ def run_row(args) -> dict:
         row["merge_s"] = time.perf_counter() - start
         row["merge_error"] = getattr(report, "output_error", None)
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="merged") for batch in BATCHES]
+        if spec.get("calibrated"):
+            row["save_s"] += save(model, os.path.join(args.folder, f"{args.row}-merged"))
     else:
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="none") for batch in BATCHES]
+    return row
+
+
+def save(model, path) -> float:
+    """qadapt.save into the work folder (a rerun replaces its own checkpoint); the seconds it took."""
+    import qadapt
+
+    start = time.perf_counter()
+    qadapt.save(model, path, overwrite=True)
+    return time.perf_counter() - start
+
+
+def serve_checkpoint(args, spec, vocab, cuda) -> dict:
+    """The checkpoint the torch row saved (``spec["serves"]``), loaded with this row's runtime options (Marlin)."""
+    import qadapt
+
+    path = os.path.join(args.folder, spec["serves"])
+    if not os.path.isdir(path):
+        raise RuntimeError(f"no {path}: run the {spec['serves'].rsplit('-', 1)[0]!r} row first with the same --work "
+                           "folder")
+    start = time.perf_counter()
+    model = qadapt.load(path, **spec["options"])
+    row = {"load_s": time.perf_counter() - start}
+    row["cells"] = [dict(measure(model, batch, args, vocab, cuda), adapter=spec["adapter"]) for batch in BATCHES]
     return row
 
 
@@ -211,7 +300,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", help=f"comma-separated rows (default: {','.join(ORDER)}); known: {', '.join(ROWS)}")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new", type=int, default=64, help="generated tokens")
-    parser.add_argument("--gptq-folder", help="a GPTQ 4-bit folder of the same shape (adds the Marlin row)")
+    parser.add_argument("--gptq-folder", help="a GPTQ 4-bit folder of the same shape for the gptq rows (else quantized)")
+    parser.add_argument("--awq-folder", help="an AWQ 4-bit folder of the same shape for the awq rows (else quantized)")
+    parser.add_argument("--work", help="folder for the model and the rows' checkpoints, kept and reused between runs "
+                        "(default: a temporary one)")
     parser.add_argument("--out", help="results JSON, rewritten after every row")
     parser.add_argument("--budget", type=float, default=540)
     add_internal_arguments(parser)

@@ -74,6 +74,10 @@ ROWS = {
     "qadapt-bf16-fast": dict(kind="qadapt", backend=None, options={}, prepare="fast"),
     "qadapt-torchao-nf4": dict(kind="qadapt", backend="torchao", options=NF4_TORCHAO, prepare=None),
     "qadapt-torchao-nf4-fast": dict(kind="qadapt", backend="torchao", options=NF4_TORCHAO, prepare="fast"),
+    # "lean" on torchao: its tensor-subclass weights are not replayed as CUDA graphs, so the checkpointed layers are
+    # compiled regionally (not in the default order)
+    "qadapt-torchao-lean": dict(kind="qadapt", backend="torchao", options=INT8, prepare="lean"),
+    "qadapt-torchao-nf4-lean": dict(kind="qadapt", backend="torchao", options=NF4_TORCHAO, prepare="lean"),
     # not in the default order (device time): PEFT's kbit preparation (checkpointing), and compile on top of fast
     "qadapt-nf4-default": dict(kind="qadapt", backend="bnb", options=NF4, prepare="default"),
     "qadapt-nf4-fast-compile": dict(kind="qadapt", backend="bnb", options=NF4, prepare="fast",
@@ -108,7 +112,8 @@ PLAIN = {name: "qadapt-nf4" for name in ("qadapt-nf4-fast", "qadapt-nf4-fast-eag
                                          "qadapt-nf4-default", "qadapt-nf4-fast-compile", "qadapt-nf4-fast-mlprecompute",
                                          *(f"qadapt-nf4-fast-mlp{n}" for n in (8, 9, 10, 12, 16)))}
 PLAIN.update({"qadapt-hqq-fast": "qadapt-hqq", "qadapt-torchao-fast": "qadapt-torchao", "qadapt-bf16-fast": "bf16-peft",
-              "qadapt-torchao-nf4-fast": "qadapt-torchao-nf4"})
+              "qadapt-torchao-nf4-fast": "qadapt-torchao-nf4", "qadapt-torchao-lean": "qadapt-torchao",
+              "qadapt-torchao-nf4-lean": "qadapt-torchao-nf4"})
 PLAIN.update({f"qadapt-{name}-fast": f"qadapt-{name}" for name in ("gptq", "awq", "eetq", "int8", "aqlm")})
 STEPS = {"8b": (2, 6), "full": (3, 10), "tiny": (1, 3)}  # (warm-up, timed)
 

@@ -469,14 +469,15 @@ def probe_weight(module):
 
 
 def plain_linear(weight, bias):
-    """An ``nn.Linear`` holding ``weight`` (float32, (out, in)) and ``bias`` for gptqmodel's packers."""
+    """An ``nn.Linear`` holding ``weight`` (float32, (out, in)) and ``bias`` for gptqmodel's packers, on the weight's
+    device."""
     import torch
 
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
     with torch.no_grad():
-        linear.weight.copy_(weight.detach().float().cpu())
+        linear.weight.copy_(weight.detach().float())
         if bias is not None:
-            linear.bias.copy_(bias.detach().float().cpu())
+            linear.bias.copy_(bias.detach().float())
     return linear
 
 
@@ -488,14 +489,15 @@ def fit_grid(weight, scales, zeros, g_idx, bits: int, sym: bool):
     scale and zero point, rounded to float16 as checkpoints store them, as gptqmodel's own quantizer computes them.
 
     :param scales: float32 (groups, out); :param zeros: int (groups, out); :param g_idx: (in,) group of each column.
-    :return: (scales, zeros) with the same shapes.
+    :return: (scales, zeros) with the same shapes, on ``scales``' device (where it computes).
     """
     import torch
 
     maxq = 2**bits - 1
-    scales, zeros = scales.clone().float(), zeros.clone().to(torch.int32)
-    weight = weight.float().cpu()
-    g_idx = g_idx.long().cpu()
+    device = scales.device
+    scales, zeros = scales.clone().float(), zeros.clone().to(device=device, dtype=torch.int32)
+    weight = weight.float().to(device)
+    g_idx = g_idx.long().to(device)
     for group in range(scales.shape[0]):
         columns = weight[:, g_idx == group]
         if columns.numel() == 0:
@@ -518,7 +520,8 @@ def fit_grid(weight, scales, zeros, g_idx, bits: int, sym: bool):
 
 
 def clone_layer(module):
-    """A deep copy of a quantized layer, on CPU (its packers work there), with no compiled or cached state.
+    """A deep copy of a quantized layer, on CPU (the caller packs new tensors into it and moves it), with no compiled
+    or cached state.
 
     gptqmodel's ``post_init`` replaces bound methods (``dequantize_weight``) with ``torch.compile`` wrappers stored on
     the instance; a deep copy would keep calling the original layer's. They are dropped, and ``post_init`` (called by

@@ -5,7 +5,8 @@ without one, ``quantize`` refuses before any work. Loading AWQ checkpoints (the 
 transformers: ``qweight``/``qzeros`` packed along the output dimension in AWQ's interleaved order, ``scales``) works
 on CPU and GPU with gptqmodel's pure-PyTorch ``AwqTorchLinear`` (``kernel="torch"``, the default); on CUDA
 ``kernel="marlin"`` (float16/bfloat16) is faster for inference but repacks the weights and refuses training mode:
-train with ``kernel="torch"``, then serve the adapter on a Marlin base (``qadapt.load_adapter``).
+train with ``kernel="torch"``, then serve on Marlin: ``qadapt.load(checkpoint, kernel="marlin")`` for a checkpoint
+``qadapt.save`` wrote, or ``qadapt.load_adapter`` onto a Marlin base.
 
 AWQ folds its per-channel activation scales into the preceding layers, so a layer's de-quantized weight is the weight
 that layer applies to its (scaled) input: exactly what an adapter on that layer sees, and what a merge must change.
@@ -208,20 +209,20 @@ def requantize_awq(module, weight):
 
     device = module.qweight.device
     group = module.group_size if module.group_size > 0 else module.in_features
-    g_idx = torch.arange(module.in_features) // group
+    g_idx = torch.arange(module.in_features, device=device) // group
     _, zeros = _codes_and_zeros(module)
-    scales, zeros = common.fit_grid(weight, module.scales.detach().float().cpu(), zeros.cpu(), g_idx, module.bits, module.sym)
+    scales, zeros = common.fit_grid(weight, module.scales.detach().float(), zeros, g_idx, module.bits, module.sym)
     # gptqmodel's AWQ packer does not clamp codes to [0, maxq] (an overflow would wrap): clamp the weights first
     maxq = 2**module.bits - 1
     step, zero = scales[g_idx].T, zeros[g_idx].T.float()
-    weight = torch.maximum(torch.minimum(weight.float().cpu(), step * (maxq - zero)), -step * zero)
+    weight = torch.maximum(torch.minimum(weight.float().to(device), step * (maxq - zero)), -step * zero)
     new = common.clone_layer(module)
     linear = common.plain_linear(weight, getattr(module, "bias", None))
-    with torch.inference_mode():
+    with torch.inference_mode():  # element-wise torch on the layer's device: the same bits on CPU and CUDA
         new.pack(linear, scales.T.contiguous(), zeros.T.contiguous())
     new.register_buffer("scales", scales.to(module.scales.dtype))
     if getattr(module, "bias", None) is not None:
-        new.register_buffer("bias", module.bias.detach().clone().cpu())
+        new.register_buffer("bias", module.bias.detach().clone())
     new = new.to(device)
     new.post_init()
     if getattr(module, "_qadapt_float32", False):

@@ -7,7 +7,8 @@ Quantizes with ``gptqmodel.GPTQModel`` (transformers' own ``GPTQConfig`` path im
 Kernels: ``kernel="torch"`` (default) is gptqmodel's ``TorchLinear``: pure PyTorch, CPU and CUDA, trainable, and its
 packed tensors are the checkpoint's, so qadapt can de-quantize, re-quantize and save them. ``kernel="marlin"`` (CUDA,
 4/8-bit symmetric, float16/bfloat16) repacks weights for fast inference: gptqmodel's Marlin layers refuse training
-mode, so adapters are trained with ``kernel="torch"`` and loaded onto a Marlin base to serve (``qadapt.load_adapter``);
+mode, so adapters are trained with ``kernel="torch"`` and served on Marlin: ``qadapt.load(checkpoint, kernel="marlin")``
+for a checkpoint ``qadapt.save`` wrote (adapter separate or merged), or ``qadapt.load_adapter`` onto a Marlin base;
 ``save`` copies the checkpoint the base was loaded from (the repacked layout is never written back).
 """
 
@@ -148,7 +149,8 @@ def _int_zeros(module):
     """The integer zero points, (groups, out_features), in gptqmodel's in-memory (v2) convention."""
     from gptqmodel.utils.model_dequant import unpack_cols
 
-    zeros = unpack_cols(module.qzeros.detach().cpu(), module.bits)[:, : module.out_features]
+    # (gptqmodel's unpackers return CPU tensors: moved back to the layer's device)
+    zeros = unpack_cols(module.qzeros.detach(), module.bits)[:, : module.out_features].to(module.qzeros.device)
     if module.qzero_format() == 1:  # GPTQ v1 checkpoints store zero - 1
         zeros = zeros + 1
     return zeros
@@ -173,35 +175,42 @@ def _checkpoint_tensors(module):
 
 
 def dequantize_gptq(module):
-    """float32 ``(out_features, in_features)``: ``scales[g_idx] * (codes - zeros[g_idx])``, computed in float32."""
+    """float32 ``(out_features, in_features)``: ``scales[g_idx] * (codes - zeros[g_idx])``, computed in float32 on the
+    layer's device (element-wise: the same bits on CPU and CUDA)."""
     from gptqmodel.utils.model_dequant import unpack_rows
 
-    codes = unpack_rows(module.qweight.detach().cpu(), module.bits)[: module.in_features]
+    codes = unpack_rows(module.qweight.detach(), module.bits)[: module.in_features].to(module.qweight.device)
     zeros = _int_zeros(module)
-    scales = module.scales.detach().float().cpu()
-    g_idx = module.g_idx.detach().long().cpu()
+    scales = module.scales.detach().float()
+    g_idx = module.g_idx.detach().long()
     weight = scales[g_idx] * (codes - zeros[g_idx]).float()
-    return weight.T.contiguous().to(module.qweight.device)
+    return weight.T.contiguous()
 
 
 def requantize_gptq(module, weight):
     """A copy of ``module`` holding ``weight`` rounded to the nearest level of the layer's own grid (same g_idx,
-    scales and zero points wherever the new weights fit them; see :func:`common.fit_grid`): RTN re-quantization."""
+    scales and zero points wherever the new weights fit them; see :func:`common.fit_grid`): RTN re-quantization.
+
+    Packed by gptqmodel: on CUDA with its CUDA packer (``pack_gpu``; an 8B model's merge takes seconds, not the
+    minutes its single-threaded CPU packer takes), elsewhere with ``pack_original``; both write the same bits."""
     import torch
 
     device = module.qweight.device
-    g_idx = module.g_idx.detach().cpu().clone()
-    scales, zeros = common.fit_grid(weight, module.scales.detach().float().cpu(), _int_zeros(module), g_idx,
+    g_idx = module.g_idx.detach().clone()
+    scales, zeros = common.fit_grid(weight, module.scales.detach().float(), _int_zeros(module), g_idx,
                                     module.bits, module.sym)
     new = common.clone_layer(module)
     linear = common.plain_linear(weight, getattr(module, "bias", None))
     with torch.inference_mode():
-        new.pack_original(linear, scales.T.contiguous(), zeros.T.contiguous(), g_idx)
-    # pack_original packs the zeros as given (v2 convention) and stores scales/bias as float16: restore the dtypes.
+        if device.type == "cuda":
+            new.pack_gpu(linear, scales.T.contiguous(), zeros.T.contiguous(), g_idx, device=device)
+        else:
+            new.pack_original(linear, scales.T.contiguous(), zeros.T.contiguous(), g_idx)
+    # the packers pack the zeros as given (v2 convention) and store scales/bias as float16: restore the dtypes.
     new.qzero_format(2)
     new.register_buffer("scales", scales.to(module.scales.dtype))
     if getattr(module, "bias", None) is not None:
-        new.register_buffer("bias", module.bias.detach().clone().cpu())
+        new.register_buffer("bias", module.bias.detach().clone())
     new = new.to(device)
     new.post_init()
     new.train(module.training)

@@ -175,6 +175,21 @@ def test_requantize_keeps_the_grid(backend, rtn):
     torch.testing.assert_close(grown(x), x @ backend.dequantize(grown).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_gpu_requantize_on_cuda_packs_the_same_bits_as_on_cpu(backend, rtn):
+    """On CUDA a merge fits the grid and packs on the GPU (gptqmodel's packer is device-agnostic torch): same bits."""
+    layer = qadapt.load(rtn[0], "awq").model.layers[1].mlp.down_proj
+    cpu_layer, cuda_layer = common.clone_layer(layer), common.clone_layer(layer).cuda()
+    deq = backend.dequantize(cpu_layer)
+    assert torch.equal(backend.dequantize(cuda_layer).cpu(), deq)
+    big = deq + 0.5 * torch.randn(deq.shape, generator=torch.Generator().manual_seed(0))
+    on_cpu = backend.requantize(cpu_layer, big)
+    on_cuda = backend.requantize(cuda_layer, big.cuda())
+    assert on_cuda.qweight.is_cuda and not on_cpu.qweight.is_cuda
+    for key in ("qweight", "qzeros", "scales"):
+        assert torch.equal(getattr(on_cuda, key).cpu(), getattr(on_cpu, key)), key
+
+
 def test_save_round_trip(backend, rtn, tmp_path, batches):
     model = qadapt.load(rtn[0], "awq")
     backend.save(model, str(tmp_path), backend.validate_options({}))

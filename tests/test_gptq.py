@@ -219,6 +219,25 @@ def test_gpu_train_on_the_torch_kernel_then_serve_on_marlin(backend, batches, tm
     train_then_serve_on_marlin("gptq", backend, batches, tmp_path, marlin_class_prefix="Marlin")
 
 
+@pytest.mark.gpu
+def test_gpu_requantize_packs_on_cuda_the_same_bits_as_on_cpu(backend, quantized):
+    """On CUDA a merge de-quantizes, fits the grid and packs (gptqmodel's ``pack_gpu``) on the GPU: the same bits."""
+    from qadapt_plugins import _gptqmodel_common as common
+
+    model, _, _ = quantized
+    for name in ("self_attn.v_proj", "mlp.down_proj"):
+        layer = model.model.layers[0].get_submodule(name)
+        cpu_layer, cuda_layer = common.clone_layer(layer), common.clone_layer(layer).cuda()
+        deq = backend.dequantize(cpu_layer)
+        assert torch.equal(backend.dequantize(cuda_layer).cpu(), deq)
+        big = deq + torch.randn(deq.shape, generator=torch.Generator().manual_seed(2))
+        on_cpu = backend.requantize(cpu_layer, big)
+        on_cuda = backend.requantize(cuda_layer, big.cuda())
+        assert on_cuda.qweight.is_cuda and not on_cpu.qweight.is_cuda
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(getattr(on_cuda, key).cpu(), getattr(on_cpu, key)), (name, key)
+
+
 def test_quantizing_writes_nothing_into_the_working_directory_and_frees_the_quantizer(batches, tmp_path, monkeypatch):
     """gptqmodel writes ./logs/*.log per quantization; qadapt sends them to a temporary folder. And its working model
     (a second copy of the weights) outlived the quantization (gptqmodel 7.6): qadapt lets go of it."""
