@@ -19,7 +19,10 @@ Kernels: bitsandbytes picks its own (a 4-bit GEMV for one token at a time, LLM.i
 switch; torchao's int4 weight-only scheme is tinygemm's int4 kernel (``scheme="int4_weight_only"``, CUDA, bf16;
 nothing trains on it, so it has no adapter rows); HQQ's default training backend de-quantizes every step (slow to
 serve), HQQ's ``kernel="torchao_int4"`` runs its layers on tinygemm's int4 kernel (HQQ's own conversion; serving
-only, so base rows: a merged model saved with the default kernel loads onto it the same way).
+only, so base rows: a merged model saved with the default kernel loads onto it the same way); EETQ runs its own CUDA
+kernel where it can (``kernel="auto"``; its torch route elsewhere, the H200 included); AQLM's layers de-quantize in
+PyTorch, and its merge is the exact one (``strategy="dequantize"``: a full-precision model), since it refuses to
+re-quantize.
 
 GPTQ and AWQ (gptqmodel) train on their torch kernel and serve on Marlin (``kernel="marlin"``, CUDA). Their torch
 row (``gptq-4bit``, ``awq-4bit``) quantizes the model (one random 128-token calibration sequence: the weights are
@@ -62,6 +65,12 @@ ROWS = {
     # base only (a merged model saved with the default kernel loads onto it the same way)
     "hqq-4bit-torchao_int4": dict(backend="hqq", options=dict(bits=4, group_size=64, kernel="torchao_int4"),
                                   adapter=False),
+    # EETQ int8: its own CUDA kernel where it runs, else its torch route (H200: EETQ's kernels refuse SM90); AQLM 2x8
+    # with a short k-means (speed does not depend on the code values), de-quantized by qadapt's PyTorch layers; AQLM
+    # refuses a re-quantizing merge (it would lose the adapter), so its merged rows are its exact merge: full precision
+    "eetq-int8": dict(backend="eetq", options={}),
+    "aqlm-2x8": dict(backend="aqlm", options=dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8,
+                                                  kmeans_iterations=2, refine_passes=0), merge="dequantize"),
     # gptqmodel's torch kernel (trainable): quantized here (or --gptq-folder/--awq-folder); the adapter separate and
     # merged are saved in the work folder as "<row>-trained" and "<row>-merged"
     "gptq-4bit": dict(backend="gptq", options=dict(bits=4, group_size=128), calibrated=True),
@@ -75,7 +84,7 @@ ROWS = {
 }
 ORDER = ["bf16", "bnb-nf4", "torchao-int8", "torchao-int4", "hqq-4bit-torchao_int4", "bnb-int8", "hqq-4bit",
          "gptq-4bit", "gptq-4bit-marlin", "gptq-4bit-marlin-merged", "awq-4bit", "awq-4bit-marlin",
-         "awq-4bit-marlin-merged"]
+         "awq-4bit-marlin-merged", "eetq-int8", "aqlm-2x8"]
 BATCHES = (1, 8)
 CALIBRATION_TOKENS = 128  # one random sequence: GPTQ/AWQ need calibration; on random weights its quality is moot
 
@@ -94,7 +103,8 @@ def run_parent(args) -> int:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "size": size,
             "command": " ".join([sys.executable] + sys.argv), "budget_s": args.budget, "prompt": args.prompt,
             "new_tokens": args.new, "batches": list(BATCHES), "adapter": "LoRA r=16 on every linear layer, random B",
-            "merge": "qadapt.merge(strategy='requantize', policy='fresh' where the backend offers policies)"}
+            "merge": "qadapt.merge(strategy='requantize', policy='fresh' where the backend offers policies; "
+                     "AQLM: strategy='dequantize')"}
     rows = []
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -196,7 +206,9 @@ def run_row(args) -> dict:
         backend = qadapt.get_backend(spec["backend"]) if spec["backend"] else None
         start = time.perf_counter()
         policy = "fresh" if backend is not None and "fresh" in backend.requantize_policies else None
-        report = qadapt.merge(model, policy=policy)
+        strategy = spec.get("merge", "requantize")
+        report = qadapt.merge(model, strategy, **({"policy": policy} if strategy == "requantize" else {}))
+        row["merge_strategy"] = strategy
         row["merge_s"] = time.perf_counter() - start
         row["merge_error"] = getattr(report, "output_error", None)
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="merged") for batch in BATCHES]
