@@ -47,3 +47,10 @@ def train_then_serve_on_marlin(backend_name, backend, batches, tmp_path, *, marl
             base_only = served(input_ids=ids).logits
     assert rel(got, expected) < 1e-2, rel(got, expected)
     assert rel(base_only, expected) > 10 * rel(got, expected)  # the adapter is what makes them agree
+
+    # the same in one call: the checkpoint itself loaded with another kernel (a runtime option)
+    checkpoint_on_marlin = qadapt.load(str(tmp_path / "trained"), kernel="marlin")
+    kinds = {type(m).__name__ for m in checkpoint_on_marlin.modules()}
+    assert any(kind.startswith(marlin_class_prefix) for kind in kinds), kinds
+    with torch.no_grad():
+        assert rel(checkpoint_on_marlin(input_ids=ids).logits, got) < 1e-3
