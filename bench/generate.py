@@ -8,8 +8,10 @@ in its own process (a fresh allocator: each peak is its own), in order of import
 the results file is rewritten after each row.
 
 Per row and batch size (1 and 8): greedy ``generate`` of ``--new`` tokens (forced: ``min_new_tokens``) after a
-``--prompt``-token random prompt, one short warm-up generation first; tokens/s = batch x new tokens / seconds of the
-timed call (prefill included, as the guides measure); ``torch.cuda.max_memory_allocated`` over that call.
+``--prompt``-token random prompt, one short warm-up generation first, then ``--repeats`` timed calls (3); tokens/s =
+batch x new tokens / the median call's seconds (prefill included, as the guides measure; every call's rate is kept in
+``runs_tokens_per_s``: on the H200 the first call after a load was seen up to 2.5x slower than later ones);
+``torch.cuda.max_memory_allocated`` over those calls.
 
     python3 bench/generate.py --size 8b --out $OUT/generate-h200-8b.json       # the GPU call (one 10-minute call)
     python3 bench/generate.py --tiny --out out/generate-tiny.json              # any CPU, to check the script
@@ -35,14 +37,21 @@ the adapter separate (PEFT's layers over Marlin's), ``gptq-4bit-marlin-merged`` 
 
     python3 bench/generate.py --size 8b --work out/g8b --rows gptq-4bit,gptq-4bit-marlin,gptq-4bit-marlin-merged
     python3 bench/generate.py --size 8b --work out/g8b --rows awq-4bit,awq-4bit-marlin,awq-4bit-marlin-merged
+
+``gptq-4bit-marlin-both`` serves both checkpoints in one process (the eighth session's arrangement, not in the default
+order). At batch 1 an eager decode is bound by the host, not the GPU: ``--profile-kernels`` records, per batch-1
+cell, the GPU time by kernel and how busy the GPU was, and cProfile's top Python functions; each row records the
+classes of the layers that serve (``layers``), so a kernel that did not take shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -81,11 +90,15 @@ ROWS = {
                                            serves=f"{name}-4bit-{checkpoint}", adapter=adapter)
        for name in ("gptq", "awq")
        for suffix, checkpoint, adapter in (("", "trained", "separate"), ("-merged", "merged", "merged"))},
+    # the eighth session's arrangement, kept to compare with: both checkpoints served in one process, trained first
+    "gptq-4bit-marlin-both": dict(backend="gptq", options=dict(kernel="marlin"),
+                                  serves=("gptq-4bit-trained", "gptq-4bit-merged"), adapter=("separate", "merged")),
 }
 ORDER = ["bf16", "bnb-nf4", "torchao-int8", "torchao-int4", "hqq-4bit-torchao_int4", "bnb-int8", "hqq-4bit",
          "gptq-4bit", "gptq-4bit-marlin", "gptq-4bit-marlin-merged", "awq-4bit", "awq-4bit-marlin",
          "awq-4bit-marlin-merged", "eetq-int8", "aqlm-2x8"]
 BATCHES = (1, 8)
+PROFILED_TOKENS = 16  # --profile-kernels: one batch-1 generate of this many tokens under torch.profiler
 CALIBRATION_TOKENS = 128  # one random sequence: GPTQ/AWQ need calibration; on random weights its quality is moot
 
 
@@ -119,7 +132,9 @@ def run_parent(args) -> int:
             log(f"[build] FAILED: {build['error']}\n{build.get('output', '')}")
             return 1
         meta.update(build)
-        common = ["--size", size, "--folder", folder, "--prompt", str(args.prompt), "--new", str(args.new)]
+        common = ["--size", size, "--folder", folder, "--prompt", str(args.prompt), "--new", str(args.new),
+                  "--repeats", str(args.repeats)] \
+            + (["--profile-kernels"] if args.profile_kernels else [])
         for name in ("gptq", "awq"):
             if getattr(args, f"{name}_folder"):
                 common += [f"--{name}-folder", os.path.abspath(getattr(args, f"{name}_folder"))]
@@ -151,9 +166,23 @@ def _report(row):
     if "error" in row:
         log(f"[{row['setting']}] FAILED: {row['error']}")
         return
+    log(f"[{row['setting']}] layers: {row.get('layers')}")
     for cell in row["cells"]:
         log(f"[{row['setting']}] {cell['adapter']:<9} batch {cell['batch']}: " + (
-            f"{cell['tokens_per_s']:,.1f} tok/s, peak {cell['peak_gib']}" if "error" not in cell else cell["error"]))
+            f"{cell['tokens_per_s']:,.1f} tok/s (runs {cell.get('runs_tokens_per_s')}), peak {cell['peak_gib']}"
+            if "error" not in cell else cell["error"]))
+        kernels = cell.get("kernels")
+        if kernels:
+            log(f"  {kernels['per']}: {kernels['kernel_ms']:.1f} ms of kernels in {kernels['launches']} launches, GPU "
+                f"busy {kernels['busy']:.0%}; by kind: " + ", ".join(f"{k} {ms:.1f} ms/{n}" for k, ms, n in
+                                                                     kernels["by_kind"]))
+            for name, ms, n in kernels["top"][:8]:
+                log(f"    {ms:8.2f} ms {n:6d}x  {name}")
+        python = cell.get("python")
+        if python:
+            log(f"  python, {python['per']}: {python['wall_ms']:.0f} ms; by own time:")
+            for name, calls, ms in python["top"][:12]:
+                log(f"    {ms:8.2f} ms {calls:6d}x  {name}")
 
 
 def run_row(args) -> dict:
@@ -193,6 +222,7 @@ def run_row(args) -> dict:
     else:
         model = qadapt.load(args.folder, backend=spec["backend"], **options)
     row["load_s"] = time.perf_counter() - start
+    row["layers"] = layer_classes(model)
     if spec.get("adapter", True):
         model = qadapt.attach(model, "lora", r=16, lora_alpha=32)
         generator = torch.Generator().manual_seed(0)
@@ -229,18 +259,45 @@ def save(model, path) -> float:
 
 
 def serve_checkpoint(args, spec, vocab, cuda) -> dict:
-    """The checkpoint the torch row saved (``spec["serves"]``), loaded with this row's runtime options (Marlin)."""
+    """The checkpoint(s) the torch row saved (``spec["serves"]``), loaded with this row's runtime options (Marlin);
+    several are served one after the other in this process, each deleted before the next loads."""
+    import gc
+
+    import torch
+
     import qadapt
 
-    path = os.path.join(args.folder, spec["serves"])
-    if not os.path.isdir(path):
-        raise RuntimeError(f"no {path}: run the {spec['serves'].rsplit('-', 1)[0]!r} row first with the same --work "
-                           "folder")
-    start = time.perf_counter()
-    model = qadapt.load(path, **spec["options"])
-    row = {"load_s": time.perf_counter() - start}
-    row["cells"] = [dict(measure(model, batch, args, vocab, cuda), adapter=spec["adapter"]) for batch in BATCHES]
+    served = spec["serves"] if isinstance(spec["serves"], tuple) else (spec["serves"],)
+    adapters = spec["adapter"] if isinstance(spec["adapter"], tuple) else (spec["adapter"],)
+    row = {"cells": []}
+    for checkpoint, adapter in zip(served, adapters):
+        path = os.path.join(args.folder, checkpoint)
+        if not os.path.isdir(path):
+            raise RuntimeError(f"no {path}: run the {checkpoint.rsplit('-', 1)[0]!r} row first with the same --work "
+                               "folder")
+        start = time.perf_counter()
+        model = qadapt.load(path, **spec["options"])
+        row.setdefault("load_s", time.perf_counter() - start)
+        row.setdefault("layers", layer_classes(model))
+        row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter=adapter) for batch in BATCHES]
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
     return row
+
+
+def layer_classes(model) -> dict:
+    """How many modules of each class hold the decoder's weights (the kernel that serves: ``MarlinQuantLinear``,
+    ``TorchQuantLinear``, ``Linear4bit``...), counted over the leaf modules that own a 2-D weight or packed tensor."""
+    counts = collections.Counter()
+    for module in model.modules():
+        if next(module.children(), None) is not None:
+            continue
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if any(t.dim() == 2 for t in tensors) and type(module).__name__ not in ("Embedding",):
+            counts[type(module).__name__] += 1
+    return dict(counts.most_common())
 
 
 def measure(model, batch, args, vocab, cuda) -> dict:
@@ -256,16 +313,55 @@ def measure(model, batch, args, vocab, cuda) -> dict:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            out = model.generate(**settings, max_new_tokens=args.new, min_new_tokens=args.new)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
+            runs = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                out = model.generate(**settings, max_new_tokens=args.new, min_new_tokens=args.new)
+                if cuda:
+                    torch.cuda.synchronize()
+                runs.append(time.perf_counter() - start)
     except Exception as exc:  # recorded per cell: one kernel failing at one batch size keeps the others
         return {"batch": batch, "error": f"{type(exc).__name__}: {exc}"[:300]}
     new = out.shape[1] - ids.shape[1]
-    return {"batch": batch, "tokens_per_s": batch * new / seconds, "seconds": seconds, "new_tokens": new,
+    seconds = statistics.median(runs)
+    cell = {"batch": batch, "tokens_per_s": batch * new / seconds, "seconds": seconds, "new_tokens": new,
+            "runs_tokens_per_s": [round(batch * new / s, 2) for s in runs],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    if args.profile_kernels and cuda and batch == 1:  # where one token's time goes, after the timed calls
+        import _kernel_profile
+
+        profiler = _kernel_profile.start()
+        with torch.no_grad():
+            model.generate(**settings, max_new_tokens=PROFILED_TOKENS, min_new_tokens=PROFILED_TOKENS)
+        torch.cuda.synchronize()
+        cell["kernels"] = _kernel_profile.stop_and_summarize(profiler, PROFILED_TOKENS * seconds / new)
+        cell["kernels"]["per"] = (f"{PROFILED_TOKENS} tokens (prefill included); wall_ms from the timed calls' "
+                                  "median pace")
+        cell["python"] = python_profile(model, settings)
+    return cell
+
+
+def python_profile(model, settings, top: int = 15) -> dict:
+    """Where the host's time goes in one batch-1 generation of ``PROFILED_TOKENS`` tokens: cProfile's functions by
+    their own time (a host-bound decode spends it in Python and in launching kernels, not waiting on the GPU)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    with torch.no_grad():
+        profile.enable()
+        model.generate(**settings, max_new_tokens=PROFILED_TOKENS, min_new_tokens=PROFILED_TOKENS)
+        torch.cuda.synchronize()
+        profile.disable()
+    wall = time.perf_counter() - start
+    stats = pstats.Stats(profile).stats  # {(file, line, function): (calls, primitive calls, own s, cumulative s, _)}
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return {"wall_ms": wall * 1e3, "per": f"{PROFILED_TOKENS} tokens under cProfile (slower than unprofiled)",
+            "top": [[f"{os.path.basename(file)}:{line}({function})", calls, round(own * 1e3, 2)]
+                    for (file, line, function), (calls, _, own, _, _) in ranked]}
 
 
 def table(rows):
@@ -318,6 +414,11 @@ def main(argv=None) -> int:
                         "(default: a temporary one)")
     parser.add_argument("--out", help="results JSON, rewritten after every row")
     parser.add_argument("--budget", type=float, default=540)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed generations per cell; tokens/s is their median (all of them are recorded)")
+    parser.add_argument("--profile-kernels", action="store_true",
+                        help="also profile one batch-1 generation per adapter state: GPU time by kernel, launches, "
+                        "how busy the GPU was (bench/_kernel_profile.py)")
     add_internal_arguments(parser)
     return dispatch(parser.parse_args(argv), run_parent, run_row, markdown)
 
