@@ -61,3 +61,13 @@ def stop_and_summarize(profiler, wall_s: float, top: int = 25) -> dict:
             "by_kind": [[k, round(us / 1e3, 2), kind_count[k]] for k, us in kinds.most_common()],
             "top": [[name[:120], round(us / 1e3, 2), count[name]] for name, us in by_name.most_common(top)],
             "host_top": [[name[:120], round(us / 1e3, 2)] for name, us in host.most_common(top)]}
+
+
+def describe(kernels: dict, span: str, top: int) -> list[str]:
+    """Log lines for :func:`stop_and_summarize`'s result: totals, the time by kind and the ``top`` kernels; ``span``
+    names what ``wall_ms`` covered (a training step, a generation)."""
+    lines = [f"  kernels: {kernels['kernel_ms']:.1f} ms in {kernels['launches']} launches, GPU busy "
+             f"{kernels['busy']:.0%} of the {kernels['wall_ms']:.1f} ms {span}; by kind: "
+             + ", ".join(f"{k} {ms:.1f} ms/{n}" for k, ms, n in kernels["by_kind"])]
+    lines += [f"    {ms:8.2f} ms {n:6d}x  {name}" for name, ms, n in kernels["top"][:top]]
+    return lines

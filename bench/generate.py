@@ -173,11 +173,11 @@ def _report(row):
             if "error" not in cell else cell["error"]))
         kernels = cell.get("kernels")
         if kernels:
-            log(f"  {kernels['per']}: {kernels['kernel_ms']:.1f} ms of kernels in {kernels['launches']} launches, GPU "
-                f"busy {kernels['busy']:.0%}; by kind: " + ", ".join(f"{k} {ms:.1f} ms/{n}" for k, ms, n in
-                                                                     kernels["by_kind"]))
-            for name, ms, n in kernels["top"][:8]:
-                log(f"    {ms:8.2f} ms {n:6d}x  {name}")
+            import _kernel_profile
+
+            for line in _kernel_profile.describe(kernels, f"{PROFILED_TOKENS}-token generation (the timed calls' "
+                                                 "pace)", top=8):
+                log(line)
         python = cell.get("python")
         if python:
             log(f"  python, {python['per']}: {python['wall_ms']:.0f} ms; by own time:")

@@ -164,11 +164,10 @@ def _report(row):
         f"{_gib(row['after_load_gib'])} GiB, loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}")
     kernels = row.get("kernels")
     if kernels:
-        log(f"  kernels: {kernels['kernel_ms']:.1f} ms in {kernels['launches']} launches, GPU busy "
-            f"{kernels['busy']:.0%} of the {kernels['wall_ms']:.1f} ms step; by kind: "
-            + ", ".join(f"{k} {ms:.1f} ms/{n}" for k, ms, n in kernels["by_kind"]))
-        for name, ms, n in kernels["top"][:12]:
-            log(f"    {ms:8.2f} ms {n:6d}x  {name}")
+        import _kernel_profile
+
+        for line in _kernel_profile.describe(kernels, "step", top=12):
+            log(line)
         log("  host (self CPU ms under the profiler): " + ", ".join(f"{op} {ms:.1f}" for op, ms in kernels["host_top"][:10]))
     trace = row.get("memory_at_peak")
     if trace:
