@@ -53,7 +53,7 @@ def nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid (squared L2) for every point; chunked to bound memory."""
     centroid_norms = (centroids * centroids).sum(-1)
     chunk = max(1, _CHUNK_FLOATS // max(1, centroids.shape[0]))
-    out = torch.empty(points.shape[0], dtype=torch.long)
+    out = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
     for start in range(0, points.shape[0], chunk):
         block = points[start : start + chunk]
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 does not change the argmin
@@ -71,9 +71,10 @@ def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Gener
     """
     n, dim = points.shape
     if n <= k:
-        extra = points[torch.randint(0, n, (k - n,), generator=generator)]
+        extra = points[torch.randint(0, n, (k - n,), generator=generator).to(points.device)]
         return torch.cat([points, extra], dim=0).clone(), True
-    centroids = points[torch.randperm(n, generator=generator)[:k]].clone()
+    # the random draws come from the (CPU) generator whatever the points' device: one seed, one initialisation
+    centroids = points[torch.randperm(n, generator=generator)[:k].to(points.device)].clone()
     previous = None
     for _ in range(iterations):
         assignment = nearest(points, centroids)
@@ -85,7 +86,7 @@ def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Gener
         empty = counts == 0
         centroids = torch.where(empty[:, None], centroids, sums / counts.clamp_min(1)[:, None])
         if empty.any():  # re-seed empty clusters on random points
-            centroids[empty] = points[torch.randint(0, n, (int(empty.sum()),), generator=generator)]
+            centroids[empty] = points[torch.randint(0, n, (int(empty.sum()),), generator=generator).to(points.device)]
     return centroids, False
 
 
@@ -93,7 +94,7 @@ def reconstruct(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Sum of the selected codebook entries: codes [N, M] -> [N, dim] (no scales)."""
     num_codebooks, codebook_size = codebooks.shape[:2]
     flat = codebooks.reshape(num_codebooks * codebook_size, -1)
-    offsets = torch.arange(num_codebooks) * codebook_size
+    offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
     return flat[codes + offsets].sum(dim=1)
 
 
@@ -107,7 +108,7 @@ def assign_codes(targets: torch.Tensor, codebooks: torch.Tensor, codes: torch.Te
     num_codebooks = codebooks.shape[0]
     flat_books = codebooks.flatten(2)  # [M, K, dim]
     if codes is None:
-        codes = torch.zeros(targets.shape[0], num_codebooks, dtype=torch.long)
+        codes = torch.zeros(targets.shape[0], num_codebooks, dtype=torch.long, device=targets.device)
         residual = targets.clone()
         for m in range(num_codebooks):
             codes[:, m] = nearest(residual, flat_books[m])
@@ -139,13 +140,14 @@ def refit_codebooks(targets: torch.Tensor, codes: torch.Tensor, codebooks: torch
     flat_books = codebooks.reshape(num_codebooks, codebook_size, dim).clone()
     if num_codebooks > 1 and num_codebooks * codebook_size <= 4096:
         size = num_codebooks * codebook_size
-        index = codes + torch.arange(num_codebooks) * codebook_size  # [N, M] in [0, size)
-        gram = torch.zeros(size, size, dtype=torch.float64)
+        device = targets.device
+        index = codes + torch.arange(num_codebooks, device=device) * codebook_size  # [N, M] in [0, size)
+        gram = torch.zeros(size, size, dtype=torch.float64, device=device)
         for a in range(num_codebooks):
             for b in range(num_codebooks):
                 pair = index[:, a] * size + index[:, b]
-                gram.view(-1).index_add_(0, pair, torch.ones(pair.shape[0], dtype=torch.float64))
-        rhs = torch.zeros(size, dim, dtype=torch.float64)
+                gram.view(-1).index_add_(0, pair, torch.ones(pair.shape[0], dtype=torch.float64, device=device))
+        rhs = torch.zeros(size, dim, dtype=torch.float64, device=device)
         for a in range(num_codebooks):
             rhs.index_add_(0, index[:, a], targets.double())
         used = gram.diagonal() > 0
@@ -153,14 +155,14 @@ def refit_codebooks(targets: torch.Tensor, codes: torch.Tensor, codebooks: torch
         ridge = 1e-6 * (gram.diagonal().mean() + 1.0)
         current = flat_books.reshape(size, dim).double()
         solution = torch.linalg.solve(
-            gram + ridge * torch.eye(size, dtype=torch.float64), rhs + ridge * current
+            gram + ridge * torch.eye(size, dtype=torch.float64, device=device), rhs + ridge * current
         )
         solution[~used] = current[~used]
         return solution.to(codebooks.dtype).reshape_as(codebooks)
     total = reconstruct(codes, codebooks)
     for m in range(num_codebooks):
         others = total - flat_books[m][codes[:, m]]
-        sums = torch.zeros(codebook_size, dim).index_add_(0, codes[:, m], targets - others)
+        sums = torch.zeros(codebook_size, dim, device=targets.device).index_add_(0, codes[:, m], targets - others)
         counts = torch.bincount(codes[:, m], minlength=codebook_size).to(targets.dtype)
         used = counts > 0
         flat_books[m][used] = sums[used] / counts[used][:, None]
@@ -178,9 +180,13 @@ def quantize_weight(
     kmeans_iterations: int = 20,
     refine_passes: int = 3,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> AQResult:
-    """AQLM-quantize one ``[out_features, in_features]`` weight."""
-    weight = weight.detach().to("cpu", torch.float32)
+    """AQLM-quantize one ``[out_features, in_features]`` weight; the fitting runs on ``device`` (a CUDA GPU makes the
+    k-means of a large model minutes instead of hours) and the result is on the CPU. The random initialisation comes
+    from one CPU generator on every device, so a seed gives the same starting centroids anywhere; the fitted values
+    then agree up to float rounding (and the nearest-entry ties it can flip)."""
+    weight = weight.detach().to(device, torch.float32)
     generator = torch.Generator().manual_seed(seed)
     codebook_size = 2**nbits_per_codebook
     groups = _groups(weight, out_group_size, in_group_size)  # [O, I, og, ig]
@@ -195,7 +201,7 @@ def quantize_weight(
     for _ in range(num_codebooks):
         book, was_capped = kmeans(residual, codebook_size, kmeans_iterations, generator)
         # a capped codebook holds every (residual) group itself: entry i is group i
-        code = torch.arange(residual.shape[0]) if was_capped else nearest(residual, book)
+        code = torch.arange(residual.shape[0], device=residual.device) if was_capped else nearest(residual, book)
         capped |= was_capped
         residual -= book[code]
         books.append(book)
@@ -219,9 +225,9 @@ def quantize_weight(
         # the last scale update moved the targets: one more code pass for the final scales
         codes = assign_codes((groups / scales).reshape_as(normalised), codebooks, codes, passes=1)
     return AQResult(
-        codes=codes.reshape(num_out_groups, num_in_groups, num_codebooks).contiguous(),
-        codebooks=codebooks.contiguous(),
-        scales=scales.contiguous(),
+        codes=codes.reshape(num_out_groups, num_in_groups, num_codebooks).contiguous().cpu(),
+        codebooks=codebooks.contiguous().cpu(),
+        scales=scales.contiguous().cpu(),
         capped_kmeans=capped,
     )
 

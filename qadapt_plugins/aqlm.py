@@ -156,7 +156,7 @@ class AqlmBackend(QuantBackend):
         import torch
         from transformers.quantizers.quantizer_aqlm import AqlmHfQuantizer
 
-        from qadapt.hf import load_full_precision, model_dtype, to_default_device
+        from qadapt.hf import default_device, load_full_precision, model_dtype, to_default_device
 
         from ._aqlm_layers import install_cpu_kernels, make_layer
         from ._aqlm_quantize import quantize_weight
@@ -166,6 +166,9 @@ class AqlmBackend(QuantBackend):
             # float32 whatever it is, and the layers take the model's dtype
             model = load_full_precision(str(model), gpu=False, dtype=model_dtype(str(model)), device_map="cpu")
         kept = self.full_precision(model, options)
+        # the k-means runs where the model will run (a CUDA GPU makes an 8B model's minutes, not hours on the host);
+        # the layers are built on the CPU and the model moved after, as before
+        fit_on = default_device()
         not_quantized, capped = [], []
         for name, module in list(model.named_modules()):
             if not isinstance(module, torch.nn.Linear):
@@ -181,6 +184,7 @@ class AqlmBackend(QuantBackend):
                 kmeans_iterations=options["kmeans_iterations"],
                 refine_passes=options["refine_passes"],
                 seed=options["seed"],
+                device=fit_on,
             )
             if result.capped_kmeans:
                 capped.append(name)
@@ -201,7 +205,7 @@ class AqlmBackend(QuantBackend):
         model.config.quantization_config = config
         model.config._is_quantized = True
         install_cpu_kernels(model)
-        # the codebooks are fitted on CPU; where there is a CUDA GPU the model goes there, as every backend's do
+        # where there is a CUDA GPU the model goes there, as every backend's do
         return to_default_device(model)
 
     # ------------------------------------------------------------------ load / save

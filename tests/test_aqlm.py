@@ -83,6 +83,41 @@ def test_refinement_lowers_error():
     assert e1 < e0
 
 
+def test_the_codebooks_are_fitted_where_the_model_will_run(backend, monkeypatch):
+    # qadapt fits on default_device() (a CUDA GPU where there is one), and the layers it builds are on the CPU
+    # until the model is moved: the seam, checked on any machine by recording what the plugin asks for
+    import qadapt.hf
+
+    asked = []
+    fit = aq.quantize_weight
+
+    def recording(weight, **kwargs):
+        asked.append(kwargs["device"])
+        result = fit(weight, **kwargs)
+        assert result.codes.device.type == result.codebooks.device.type == result.scales.device.type == "cpu"
+        return result
+
+    monkeypatch.setattr(aq, "quantize_weight", recording)
+    fresh(backend)
+    assert len(asked) == 14 and set(asked) == {qadapt.hf.default_device()}
+
+
+@pytest.mark.gpu
+def test_gpu_fit_on_cuda_starts_from_the_same_centroids_and_is_as_good_as_on_the_host():
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(3)) * 0.02
+    kwargs = dict(num_codebooks=2, nbits_per_codebook=8, kmeans_iterations=0, refine_passes=0)
+    # no Lloyd iteration: the centroids are the seeded random groups, the same on either device
+    host, gpu = (aq.quantize_weight(weight, device=device, **kwargs) for device in ("cpu", "cuda"))
+    assert gpu.codes.device.type == "cpu"
+    torch.testing.assert_close(gpu.codebooks[0], host.codebooks[0])
+    kwargs.update(kmeans_iterations=10, refine_passes=2)
+    errors = {}
+    for device in ("cpu", "cuda"):
+        r = aq.quantize_weight(weight, device=device, **kwargs)
+        errors[device] = rel(aq.dequantize_codes(r.codes, r.codebooks, r.scales), weight)
+    assert errors["cuda"] < 0.4 and abs(errors["cuda"] - errors["cpu"]) < 0.02 * errors["cpu"]
+
+
 def test_1x16_on_a_tiny_model_is_capped_and_says_so(backend):
     with pytest.warns(UserWarning, match="fewer weight groups than codebook entries"):
         model = fresh(backend, num_codebooks=1, nbits_per_codebook=16)
