@@ -24,7 +24,8 @@ serve), HQQ's ``kernel="torchao_int4"`` runs its layers on tinygemm's int4 kerne
 only, so base rows: a merged model saved with the default kernel loads onto it the same way); EETQ runs its own CUDA
 kernel where it can (``kernel="auto"``; its torch route elsewhere, the H200 included); AQLM's layers de-quantize in
 PyTorch, and its merge is the exact one (``strategy="dequantize"``: a full-precision model), since it refuses to
-re-quantize.
+re-quantize; ``aqlm-2x8`` saves its checkpoint with the adapter separate, which ``aqlm-2x8-aqlm`` serves on aqlm's own
+CUDA kernels (``kernel="aqlm"``, serving only).
 
 GPTQ and AWQ (gptqmodel) train on their torch kernel and serve on Marlin (``kernel="marlin"``, CUDA). Their torch
 row (``gptq-4bit``, ``awq-4bit``) quantizes the model (one random 128-token calibration sequence: the weights are
@@ -79,11 +80,15 @@ ROWS = {
     # refuses a re-quantizing merge (it would lose the adapter), so its merged rows are its exact merge: full precision
     "eetq-int8": dict(backend="eetq", options={}),
     "aqlm-2x8": dict(backend="aqlm", options=dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8,
-                                                  kmeans_iterations=2, refine_passes=0), merge="dequantize"),
+                                                  kmeans_iterations=2, refine_passes=0), merge="dequantize",
+                     saves=("trained",)),
+    # aqlm's own CUDA kernels (kernel="aqlm", serving only): the aqlm row's checkpoint with its adapter separate (its
+    # merged model is full precision, so there is no merged AQLM checkpoint to serve)
+    "aqlm-2x8-aqlm": dict(backend="aqlm", options=dict(kernel="aqlm"), serves="aqlm-2x8-trained", adapter="separate"),
     # gptqmodel's torch kernel (trainable): quantized here (or --gptq-folder/--awq-folder); the adapter separate and
     # merged are saved in the work folder as "<row>-trained" and "<row>-merged"
-    "gptq-4bit": dict(backend="gptq", options=dict(bits=4, group_size=128), calibrated=True),
-    "awq-4bit": dict(backend="awq", options=dict(bits=4, group_size=128), calibrated=True),
+    "gptq-4bit": dict(backend="gptq", options=dict(bits=4, group_size=128), calibrated=True, saves=("trained", "merged")),
+    "awq-4bit": dict(backend="awq", options=dict(bits=4, group_size=128), calibrated=True, saves=("trained", "merged")),
     # Marlin (serving only): each of the torch row's two checkpoints loaded with kernel="marlin", in its own process
     # (two checkpoints loaded one after the other in one process peaked at the sum of both on the H200)
     **{f"{name}-4bit-marlin{suffix}": dict(backend=name, options=dict(kernel="marlin"),
@@ -96,7 +101,7 @@ ROWS = {
 }
 ORDER = ["bf16", "bnb-nf4", "torchao-int8", "torchao-int4", "hqq-4bit-torchao_int4", "bnb-int8", "hqq-4bit",
          "gptq-4bit", "gptq-4bit-marlin", "gptq-4bit-marlin-merged", "awq-4bit", "awq-4bit-marlin",
-         "awq-4bit-marlin-merged", "eetq-int8", "aqlm-2x8"]
+         "awq-4bit-marlin-merged", "eetq-int8", "aqlm-2x8", "aqlm-2x8-aqlm"]
 BATCHES = (1, 8)
 PROFILED_TOKENS = 16  # --profile-kernels: one batch-1 generate of this many tokens under torch.profiler
 CALIBRATION_TOKENS = 128  # one random sequence: GPTQ/AWQ need calibration; on random weights its quality is moot
@@ -231,7 +236,7 @@ def run_row(args) -> dict:
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.01)
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="separate") for batch in BATCHES]
-        if spec.get("calibrated"):
+        if "trained" in spec.get("saves", ()):
             row["save_s"] = save(model, os.path.join(args.folder, f"{args.row}-trained"))
         backend = qadapt.get_backend(spec["backend"]) if spec["backend"] else None
         start = time.perf_counter()
@@ -242,7 +247,7 @@ def run_row(args) -> dict:
         row["merge_s"] = time.perf_counter() - start
         row["merge_error"] = getattr(report, "output_error", None)
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="merged") for batch in BATCHES]
-        if spec.get("calibrated"):
+        if "merged" in spec.get("saves", ()):
             row["save_s"] += save(model, os.path.join(args.folder, f"{args.row}-merged"))
     else:
         row["cells"] += [dict(measure(model, batch, args, vocab, cuda), adapter="none") for batch in BATCHES]
@@ -289,13 +294,14 @@ def serve_checkpoint(args, spec, vocab, cuda) -> dict:
 
 def layer_classes(model) -> dict:
     """How many modules of each class hold the decoder's weights (the kernel that serves: ``MarlinQuantLinear``,
-    ``TorchQuantLinear``, ``Linear4bit``...), counted over the leaf modules that own a 2-D weight or packed tensor."""
+    ``TorchQuantLinear``, ``Linear4bit``...), counted over the leaf modules that own a weight or packed tensor of two or
+    more dimensions (aqlm's ``QuantizedLinear`` holds only 3-D codes and 4-D codebooks and scales)."""
     counts = collections.Counter()
     for module in model.modules():
         if next(module.children(), None) is not None:
             continue
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        if any(t.dim() == 2 for t in tensors) and type(module).__name__ not in ("Embedding",):
+        if any(t.dim() >= 2 for t in tensors) and type(module).__name__ not in ("Embedding",):
             counts[type(module).__name__] += 1
     return dict(counts.most_common())
 

@@ -90,9 +90,32 @@ def install_cpu_kernels(model_or_layer):
     return model_or_layer
 
 
+def install_serving_kernels(model):
+    """Leave every aqlm layer to aqlm's own kernel choice (on CUDA: its CUDA/Triton kernels, which read the codes as
+    stored), and refuse a forward in training mode with gradients on: those kernels' input gradient is wrong."""
+    for layer in model.modules():
+        if isinstance(layer, aqlm.QuantizedLinear):
+            canonicalize_codes(layer)
+            layer.gemv_op = layer.gemm_op = layer.use_gemv_rule = None
+    # one hook on the model, not one per layer: a decode step runs it once
+    model.register_forward_pre_hook(_refuse_training)
+    return model
+
+
+def _refuse_training(module, args):
+    if module.training and torch.is_grad_enabled():
+        from qadapt.errors import IncompatibleError
+
+        raise IncompatibleError(
+            "train on a kernel='aqlm' base", "aqlm's own CUDA kernels pass back a wrong input gradient for 256-entry "
+            "codebooks: qadapt serves on them and does not train", "Load the model with kernel='dequantize' to train, "
+            "or call model.eval() (or run under torch.no_grad()) to serve")
+
+
 def _codes_permuted(module) -> bool:
-    """True when aqlm's CPU ``prepare_matmul_op`` has transposed ``codes`` in place for its numba kernel."""
-    if module.gemv_op is None or module.gemv_op is _OPS or module.codebook_size != 256:
+    """True when aqlm's CPU ``prepare_matmul_op`` has transposed ``codes`` in place for its numba kernel (it never
+    does on CUDA, where the shape test alone would be ambiguous for a layer with as many input groups as outputs)."""
+    if module.gemv_op is None or module.gemv_op is _OPS or module.codebook_size != 256 or module.codes.is_cuda:
         return False
     num_out_groups = module.out_features // module.out_group_size
     num_in_groups = module.in_features // module.in_group_size

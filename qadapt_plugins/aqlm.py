@@ -17,6 +17,10 @@ checkpoints are what transformers' ``AqlmConfig`` loads (``quantization_config``
   gives every AQLM layer on CPU aqlm's own de-quantizing kernel (``_dequantize_weight`` + ``F.linear``) for forward
   and backward, and on CUDA too (see ``_DequantMatmul``: aqlm's CUDA training kernels for 256-entry codebooks pass
   back a wrong input gradient, measured on an H100).
+* Serving kernel: ``kernel="aqlm"`` (CUDA, float16/bfloat16) leaves the layers to aqlm's own kernels, whose outputs
+  were measured right and which do not rebuild the whole weight for every token. Nothing trains on it (their input
+  gradient is wrong): train with ``kernel="dequantize"``, then load the saved adapter onto a ``kernel="aqlm"`` base,
+  as for GPTQ/AWQ on Marlin.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ from qadapt.hookspecs import hookimpl
 
 #: what AQLM leaves in full precision when nothing else is asked (its convert_to_hf.py does the same)
 DEFAULT_SKIP = ("lm_head",)
+#: ``kernel`` values: qadapt's de-quantizing matmul (trainable, CPU and CUDA) and aqlm's own CUDA kernels (serving)
+KERNELS = ("dequantize", "aqlm")
+SERVING_ONLY = no(
+    "aqlm's own CUDA kernels (kernel='aqlm') pass back a wrong input gradient for 256-entry codebooks (27%, measured "
+    "on an H100, docs/aqlm.md): qadapt serves on them and does not train",
+    "Train with kernel='dequantize' (the default; CUDA too), then load the saved adapter onto a kernel='aqlm' base "
+    "with qadapt.load_adapter to serve it",
+)
 
 
 class AqlmBackend(QuantBackend):
@@ -57,11 +69,24 @@ class AqlmBackend(QuantBackend):
         Option("seed", 0, "seed of the k-means initialisation (quantize only)", minimum=0, maximum=2**32 - 1),
         Option("skip_modules", DEFAULT_SKIP, "linear layers kept in full precision (names or name suffixes)",
                type=tuple, items=str),
+        Option("kernel", "dequantize", "'dequantize' (qadapt's de-quantizing matmul: CPU and CUDA, trainable) or "
+               "'aqlm' (aqlm's own CUDA kernels, float16/bfloat16: serving only, faster)", choices=KERNELS,
+               runtime=True),
     )
 
     def check_option_combination(self, options):
         options = dict(options)
         options["skip_modules"] = tuple(options["skip_modules"])
+        if options["kernel"] == "aqlm":
+            import torch
+
+            if not torch.cuda.is_available():
+                from qadapt.errors import InvalidOptionError
+
+                raise InvalidOptionError(
+                    "backend 'aqlm' with kernel='aqlm'", "qadapt uses aqlm's own kernels on a CUDA GPU only: on CPU its "
+                    "numba kernel for 256-entry codebooks permutes the codes in place and races on several threads",
+                    "Use kernel='dequantize' (the default), which runs on CPU and GPU")
         return options
 
     # ------------------------------------------------------------------ environment
@@ -76,6 +101,16 @@ class AqlmBackend(QuantBackend):
 
     # ------------------------------------------------------------------ capabilities
     def capabilities(self, options):
+        if options.get("kernel") == "aqlm":
+            from qadapt.capabilities import METHODS
+
+            return declare(
+                train={method: SERVING_ONLY for method in METHODS},
+                requantize=no("a kernel='aqlm' base serves only", "Load the model with kernel='dequantize' to merge"),
+                dequantize=yes("codes, codebooks and scales de-quantize exactly (aqlm's own _dequantize_weight)"),
+                save=yes("transformers' AQLM format (aqlm's CUDA kernels read the codes as they are stored)"),
+                sharded={engine: SERVING_ONLY for engine in ("fsdp2", "zero3")},
+            )
         shape = f"{options['num_codebooks']}x{options['nbits_per_codebook']}"
         kernel = (
             f"on CPU qadapt runs {shape} layers with aqlm's de-quantizing kernel in forward and backward"
@@ -158,13 +193,14 @@ class AqlmBackend(QuantBackend):
 
         from qadapt.hf import default_device, load_full_precision, model_dtype, to_default_device
 
-        from ._aqlm_layers import install_cpu_kernels, make_layer
+        from ._aqlm_layers import make_layer
         from ._aqlm_quantize import quantize_weight
 
         if isinstance(model, (str, os.PathLike)):
             # on CPU, in the dtype its config records (as every backend loads a folder): the codebooks are fitted in
             # float32 whatever it is, and the layers take the model's dtype
             model = load_full_precision(str(model), gpu=False, dtype=model_dtype(str(model)), device_map="cpu")
+        _check_serving_dtype(options, model.dtype, "quantize for kernel='aqlm'")  # before any work
         kept = self.full_precision(model, options)
         # the k-means runs where the model will run (a CUDA GPU makes an 8B model's minutes, not hours on the host);
         # the layers are built on the CPU and the model moved after, as before
@@ -204,9 +240,9 @@ class AqlmBackend(QuantBackend):
         model.quantization_method = config.quant_method
         model.config.quantization_config = config
         model.config._is_quantized = True
-        install_cpu_kernels(model)
+        model = to_default_device(model)
         # where there is a CUDA GPU the model goes there, as every backend's do
-        return to_default_device(model)
+        return _install_kernel(model, options, "quantize for kernel='aqlm'")
 
     # ------------------------------------------------------------------ load / save
     def load(self, path, options):
@@ -214,8 +250,6 @@ class AqlmBackend(QuantBackend):
 
         from qadapt.errors import CheckpointError
         from qadapt.hf import default_device, model_dtype, quiet_transformers
-
-        from ._aqlm_layers import install_cpu_kernels
 
         quiet_transformers()
         config_file = os.path.join(path, "config.json")
@@ -235,11 +269,11 @@ class AqlmBackend(QuantBackend):
         config.quantization_config = quant
         # in the dtype the checkpoint records, as every backend loads a folder (qadapt's de-quantizing kernel, not
         # aqlm's float32-only numba one, runs on CPU)
+        _check_serving_dtype(options, model_dtype(path), f"load {path!r} with kernel='aqlm'")
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=model_dtype(path), device_map=default_device(), use_safetensors=True
         )
-        install_cpu_kernels(model)
-        return model
+        return _install_kernel(model, options, f"load {path!r} with kernel='aqlm'")
 
     def folder_options(self, path):
         """transformers' ``AqlmConfig`` (``quant_method: aqlm``): the codebook shape, and the layers left in full
@@ -316,6 +350,29 @@ class AqlmBackend(QuantBackend):
         )
         install_cpu_kernels(clone)
         return clone
+
+
+# ---------------------------------------------------------------------- kernels
+def _check_serving_dtype(options, dtype, asked):
+    import torch
+
+    if options.get("kernel") == "aqlm" and dtype not in (torch.float16, torch.bfloat16):
+        from qadapt.errors import InvalidOptionError
+
+        raise InvalidOptionError(asked, f"aqlm's CUDA kernels compute in float16 or bfloat16 only; the model is {dtype}",
+                                 "Quantize a float16/bfloat16 model (model.to(torch.bfloat16)), or use "
+                                 "kernel='dequantize'")
+
+
+def _install_kernel(model, options, asked):
+    """qadapt's de-quantizing matmul on every AQLM layer, or (``kernel='aqlm'``) aqlm's own kernels, chosen by aqlm at
+    the first forward, with a guard that refuses a forward in training mode with gradients on."""
+    from ._aqlm_layers import install_cpu_kernels, install_serving_kernels
+
+    if options.get("kernel", "dequantize") == "dequantize":
+        return install_cpu_kernels(model)
+    _check_serving_dtype(options, model.dtype, asked)
+    return install_serving_kernels(model)
 
 
 # ---------------------------------------------------------------------- small helpers

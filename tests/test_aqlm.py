@@ -6,6 +6,7 @@ here: aqlm's own de-quantization, dense matmuls, round-to-nearest quantization, 
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -377,7 +378,7 @@ def test_gpu_forward_and_lora_backward(backend, dtype):
     bench/aqlm_cuda_kernels.py)."""
     dtype = getattr(torch, dtype)
     model = qadapt.load(toy.build_model(dtype=dtype), "aqlm", **FAST)
-    assert model.device.type == "cuda"  # fitted on CPU, moved where the GPU is
+    assert model.device.type == "cuda"  # fitted on the GPU, layers built on the host, moved where the GPU is
     layer = model.model.layers[0].self_attn.q_proj
     weight = backend.dequantize(layer).to(dtype)
     tolerance = 1e-3 if dtype == torch.float32 else 1e-2
@@ -393,6 +394,75 @@ def test_gpu_forward_and_lora_backward(backend, dtype):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in peft_model.parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+def test_gpu_train_on_the_dequantizing_kernel_then_serve_on_aqlms_own(backend, batches, tmp_path):
+    """kernel='aqlm' is the serving kernel (aqlm's CUDA kernels): an adapter trained on the default kernel, saved,
+    and loaded onto it gives the same logits; nothing trains on it."""
+    model = qadapt.load(toy.build_model(dtype=torch.float16), "aqlm", **FAST)
+    reference_weight = backend.dequantize(model.model.layers[0].mlp.up_proj)
+    peft_model = qadapt.attach(model, "lora", r=8)
+    ids = batches[0].cuda()
+    losses = train_steps(peft_model, [ids] * 4)
+    assert losses[-1] < losses[0], losses
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    qadapt.save(peft_model, tmp_path / "trained")
+
+    served = qadapt.load(str(tmp_path / "trained"), kernel="aqlm")
+    with torch.no_grad():
+        got = served(input_ids=ids).logits
+        with served.disable_adapter():
+            base_only = served(input_ids=ids).logits
+    layer = served.get_base_model().model.layers[0].mlp.up_proj
+    layer = getattr(layer, "base_layer", layer)
+    assert layer.gemv_op is not None and type(layer.gemv_op).__name__ != "_DequantMatmul"  # aqlm's own kernels ran
+    assert torch.equal(backend.dequantize(layer), reference_weight)  # the codes as stored: not permuted
+    assert rel(got, expected) < 1e-2, rel(got, expected)
+    assert rel(base_only, expected) > 10 * rel(got, expected)  # the adapter is what makes them agree
+
+    base = qadapt.load(str(tmp_path / "trained" / "base"), "aqlm", kernel="aqlm")
+    with pytest.raises(IncompatibleError, match="wrong input gradient"):
+        qadapt.attach(base, "lora")  # refused before any change
+    served.train()
+    with pytest.raises(IncompatibleError, match="kernel='aqlm' base"):
+        served(input_ids=ids, labels=ids)  # a hand-made training step is refused too
+
+
+def test_the_serving_kernel_is_refused_without_a_cuda_gpu_before_any_work(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = toy.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(qadapt.errors.InvalidOptionError, match="CUDA GPU only"):
+        qadapt.load(model, "aqlm", kernel="aqlm", **FAST)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_serving_kernel_refuses_float32_and_every_training_method(backend, monkeypatch):
+    from qadapt.capabilities import METHODS
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the option check only: nothing runs on a GPU
+    options = backend.validate_options({**FAST, "kernel": "aqlm"})
+    with pytest.raises(qadapt.errors.InvalidOptionError, match="float16 or bfloat16"):
+        backend.quantize(toy.build_model(), options)  # refused before the k-means
+    table = backend.capabilities(options)
+    for method in METHODS:
+        cell = table[(method, "train")]
+        assert not cell and "wrong input gradient" in cell.reason and "load_adapter" in cell.hint
+    assert backend.capabilities(backend.validate_options(FAST))[("lora", "train")]
+
+
+def test_a_training_forward_on_the_serving_kernel_is_refused(backend, quantized_2x8):
+    from qadapt_plugins._aqlm_layers import install_serving_kernels
+
+    model = install_serving_kernels(copy.deepcopy(quantized_2x8[0]))
+    model.train()
+    ids = torch.randint(0, 512, (1, 8))
+    with pytest.raises(IncompatibleError, match="kernel='aqlm' base"):
+        model(input_ids=ids)
+    assert all(m.gemv_op is None for m in model.modules() if isinstance(m, aqlm.QuantizedLinear))  # nothing ran
 
 
 def test_lora_trains_on_linears_with_a_bias():
