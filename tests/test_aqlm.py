@@ -465,6 +465,23 @@ def test_a_training_forward_on_the_serving_kernel_is_refused(backend, quantized_
     assert all(m.gemv_op is None for m in model.modules() if isinstance(m, aqlm.QuantizedLinear))  # nothing ran
 
 
+def test_a_checkpoint_loads_onto_the_serving_kernel_and_refuses_float32_first(backend, tmp_path):
+    # backend.load itself (the option check that needs a CUDA GPU is the orchestrator's, tested above)
+    half = backend.quantize(toy.build_model(dtype=torch.bfloat16), backend.validate_options(FAST))
+    backend.save(half, str(tmp_path / "bf16"), {})
+    options = {**backend.validate_options(FAST), "kernel": "aqlm"}
+    served = backend.load(str(tmp_path / "bf16"), options)
+    layers = [m for m in served.modules() if isinstance(m, aqlm.QuantizedLinear)]
+    assert len(layers) == 14 and all(m.gemv_op is None for m in layers)  # left to aqlm's own choice at first forward
+    served.train()
+    with pytest.raises(IncompatibleError, match="kernel='aqlm' base"):
+        served(input_ids=torch.randint(0, 512, (1, 8)))
+    full = backend.quantize(toy.build_model(), backend.validate_options(FAST))  # float32
+    backend.save(full, str(tmp_path / "fp32"), {})
+    with pytest.raises(qadapt.errors.InvalidOptionError, match="float16 or bfloat16"):
+        backend.load(str(tmp_path / "fp32"), options)
+
+
 def test_lora_trains_on_linears_with_a_bias():
     """qadapt's de-quantizing Function returned ``F.linear(x, W, b)``, a view for 3-D input with a bias; PEFT's
     AqlmLoraLinear's ``result += ...`` then raised "a view was created in no_grad mode" (Qwen2, Bloom, OPT...)."""
