@@ -240,9 +240,8 @@ class AqlmBackend(QuantBackend):
         model.quantization_method = config.quant_method
         model.config.quantization_config = config
         model.config._is_quantized = True
-        model = to_default_device(model)
         # where there is a CUDA GPU the model goes there, as every backend's do
-        return _install_kernel(model, options, "quantize for kernel='aqlm'")
+        return _install_kernel(to_default_device(model), options)
 
     # ------------------------------------------------------------------ load / save
     def load(self, path, options):
@@ -273,7 +272,7 @@ class AqlmBackend(QuantBackend):
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=model_dtype(path), device_map=default_device(), use_safetensors=True
         )
-        return _install_kernel(model, options, f"load {path!r} with kernel='aqlm'")
+        return _install_kernel(model, options)
 
     def folder_options(self, path):
         """transformers' ``AqlmConfig`` (``quant_method: aqlm``): the codebook shape, and the layers left in full
@@ -364,14 +363,14 @@ def _check_serving_dtype(options, dtype, asked):
                                  "kernel='dequantize'")
 
 
-def _install_kernel(model, options, asked):
-    """qadapt's de-quantizing matmul on every AQLM layer, or (``kernel='aqlm'``) aqlm's own kernels, chosen by aqlm at
-    the first forward, with a guard that refuses a forward in training mode with gradients on."""
+def _install_kernel(model, options):
+    """qadapt's de-quantizing matmul on every AQLM layer, or (``kernel='aqlm'``, its dtype checked by the caller before
+    any work) aqlm's own kernels, chosen by aqlm at the first forward, with a guard that refuses a forward in training
+    mode with gradients on."""
     from ._aqlm_layers import install_cpu_kernels, install_serving_kernels
 
     if options.get("kernel", "dequantize") == "dequantize":
         return install_cpu_kernels(model)
-    _check_serving_dtype(options, model.dtype, asked)
     return install_serving_kernels(model)
 
 
