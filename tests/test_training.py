@@ -26,6 +26,7 @@ import torch
 import qadapt
 from qadapt.testing import toy
 from qadapt.training import loss as loss_part
+from qadapt.training import settings
 from qadapt.training.dequant import FrozenLinearFn
 from qadapt.training.lora import LoRALinearFn
 from qadapt.training.mlp import LoRASwiGLUFn
@@ -433,7 +434,10 @@ def test_the_loss_says_which_library_runs_and_why_not_the_others(monkeypatch):
     monkeypatch.setattr(loss_part, "_probed", lambda load: load())  # no CUDA here to run the probe on
     name, summed, notes, fallback = loss_part.choose("auto", on_cuda=True)
     assert name == "cce" and fallback == "" and "liger-kernel not usable (ModuleNotFoundError" in notes[0]
+    assert "pip install 'qadapt-lm[kernels]'" in notes[0]  # not installed: how to install it
     assert summed(None, None, None) == "called"
+    compiled_badly = settings.unusable("liger-kernel", RuntimeError("Triton cannot compile for this GPU"))
+    assert "RuntimeError: Triton cannot compile" in compiled_badly and "pip install" not in compiled_badly
 
 
 class _Block(torch.nn.Module):
@@ -733,6 +737,7 @@ def test_gpu_fast_and_lean_train_like_the_plain_path(backend):
 
 @gpu
 def test_gpu_liger_and_cce_losses_match_the_chunked_torch_loss():
+    _needs_kernel_libraries("liger_kernel", "cut_cross_entropy")
     hidden = torch.randn(4, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     head = torch.randn(5000, 128, device="cuda", dtype=torch.bfloat16) * 0.05
     labels = torch.randint(0, 5000, (4, 256), device="cuda")
@@ -749,6 +754,7 @@ def test_gpu_liger_and_cce_losses_match_the_chunked_torch_loss():
 
 @gpu
 def test_gpu_liger_rmsnorm_and_swiglu_match_the_torch_functions():
+    _needs_kernel_libraries("liger_kernel")
     from qadapt.training.mlp import _liger_swiglu
     from qadapt.training.norm import liger_rms_norm
 
@@ -760,6 +766,12 @@ def test_gpu_liger_rmsnorm_and_swiglu_match_the_torch_functions():
     y = liger(x, w, 1e-6, 0.0, "llama", False)
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
     assert _liger_swiglu() is not None
+
+
+def _needs_kernel_libraries(*modules):
+    """Skip, saying what to install, where the optional kernel libraries are missing (qadapt falls back and says so)."""
+    for module in modules:
+        pytest.importorskip(module, reason=f"{module} is not installed: {settings.KERNELS_EXTRA}")
 
 
 def _training_peaks(model, ids, steps):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .patching import same_code
+from .settings import unusable
 
 IGNORE = -100
 
@@ -108,7 +109,7 @@ def choose(asked: str, on_cuda: bool):
         try:
             return name, _probed(load), notes, ""
         except Exception as exc:  # noqa: BLE001 - not installed, or its kernels do not run here: say which
-            notes.append(f"{distribution} not usable ({type(exc).__name__}: {str(exc)[:200]})")
+            notes.append(unusable(distribution, exc))
     fallback = "" if asked in ("auto", "torch") else f"loss={asked!r} cannot run here: {'; '.join(notes)}"
     return "torch", None, notes, fallback
 

@@ -15,6 +15,7 @@ import types
 import torch
 
 from .patching import same_code
+from .settings import unusable
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -75,7 +76,7 @@ def liger_rms_norm():
         x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         function(x, torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6, 0.0, "llama", False).sum().backward()
     except Exception as exc:  # noqa: BLE001 - any failure means the torch path, and the report says which
-        return None, f"liger-kernel's RMSNorm does not run here ({type(exc).__name__}: {str(exc)[:200]})"
+        return None, unusable("liger-kernel's RMSNorm", exc)
     return function, ""
 
 

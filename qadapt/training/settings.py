@@ -6,6 +6,16 @@ from dataclasses import dataclass, fields
 
 from ..errors import InvalidOptionError
 
+#: the optional kernel libraries (Liger, cut-cross-entropy: Triton, CUDA only) come with this extra
+KERNELS_EXTRA = "pip install 'qadapt-lm[kernels]'"
+
+
+def unusable(what: str, exc: Exception) -> str:
+    """Why ``what`` (a kernel library) does not run here, with the install command when it is not installed."""
+    hint = f"; {KERNELS_EXTRA}" if isinstance(exc, ModuleNotFoundError) else ""
+    return f"{what} not usable ({type(exc).__name__}: {str(exc)[:200]}{hint})"
+
+
 #: each part's choices; the first word of each is "nothing changed" where the part has such a choice
 CHOICES = {
     "checkpoint": ("off", "recompute", "offload"),
