@@ -2,7 +2,10 @@
 # The GPU checks recorded in docs/gpu-runs.md (CI has no GPU): the `pytest -m gpu` suite, and `qadapt matrix --verify`
 # for each backend, whose records (<backend>-gpu.json) docs/compatibility.md is rendered from.
 #
-# Run from the repository root on a machine with a CUDA GPU, qadapt installed with the backends' libraries:
+# Run from the repository root on a machine with a CUDA GPU, qadapt installed with the backends' libraries (and the
+# kernels extra; a wheel install: remove the copy's qadapt/ and qadapt_plugins/ first, or the plugin guard refuses the
+# wheel's entry points as another qadapt-lm than the one imported, and every backend test is skipped). The whole
+# suite is long (on the H200, 2026-12-03: 6 of 37 tests finished in 290 s, torch.compile and CUDA graphs in most): split it with -k.
 #     bash tests/gpu_checks.sh out/gpu            # then: cp out/gpu/*-gpu.json docs/matrix/
 #     BACKENDS="gptq awq" bash tests/gpu_checks.sh out/gpu
 # Writes into the folder given: device.txt, pytest-gpu.log, and per backend <backend>-gpu.json and matrix-<backend>.log.
@@ -17,7 +20,8 @@ export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-4} OMP_NUM_THREADS=${OMP_N
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt" 2>&1
 python3 - >> "$out/device.txt" <<'EOF'
 import importlib.metadata as md, platform
-names = ["torch", "transformers", "peft", "bitsandbytes", "hqq", "torchao", "gptqmodel", "aqlm", "neural-compressor-pt", "eetq"]
+names = ["torch", "transformers", "peft", "bitsandbytes", "hqq", "torchao", "gptqmodel", "aqlm", "neural-compressor-pt", "eetq",
+         "liger-kernel", "cut-cross-entropy"]
 found = {}
 for name in names:
     try:
@@ -27,8 +31,7 @@ for name in names:
 print("python", platform.python_version(), found)
 EOF
 
-python3 -m pytest -m gpu -s -q -p no:cacheprovider -o addopts="" \
-    tests/test_gptq.py tests/test_awq.py tests/test_aqlm.py tests/test_eetq.py > "$out/pytest-gpu.log" 2>&1 &
+python3 -m pytest -m gpu -v -rs -p no:cacheprovider -o addopts="" --durations=0 tests > "$out/pytest-gpu.log" 2>&1 &
 pids=($!)
 for backend in ${BACKENDS:-bnb hqq torchao gptq awq aqlm eetq}; do
     python3 -m qadapt matrix --verify --backend "$backend" --output "$out/$backend-gpu.json" \
