@@ -436,6 +436,23 @@ def test_the_loss_says_which_library_runs_and_why_not_the_others(monkeypatch):
     assert name == "cce" and fallback == "" and "liger-kernel not usable (ModuleNotFoundError" in notes[0]
     assert "pip install 'qadapt-lm[kernels]'" in notes[0]  # not installed: how to install it
     assert summed(None, None, None) == "called"
+
+
+def test_a_kernel_library_that_is_missing_is_named_with_its_install_command(monkeypatch):
+    from qadapt.training import mlp, norm
+
+    for module in ("liger_kernel", "liger_kernel.ops", "liger_kernel.ops.swiglu", "liger_kernel.transformers",
+                   "liger_kernel.transformers.functional"):
+        monkeypatch.setitem(sys.modules, module, None)  # not installed
+    probes = (mlp.liger_swiglu, norm.liger_rms_norm)
+    try:
+        for probe in probes:
+            probe.cache_clear()
+            function, why = probe()
+            assert function is None and "ModuleNotFoundError" in why and "pip install 'qadapt-lm[kernels]'" in why
+    finally:
+        for probe in probes:
+            probe.cache_clear()
     compiled_badly = settings.unusable("liger-kernel", RuntimeError("Triton cannot compile for this GPU"))
     assert "RuntimeError: Triton cannot compile" in compiled_badly and "pip install" not in compiled_badly
 
@@ -755,7 +772,7 @@ def test_gpu_liger_and_cce_losses_match_the_chunked_torch_loss():
 @gpu
 def test_gpu_liger_rmsnorm_and_swiglu_match_the_torch_functions():
     _needs_kernel_libraries("liger_kernel")
-    from qadapt.training.mlp import _liger_swiglu
+    from qadapt.training.mlp import liger_swiglu
     from qadapt.training.norm import liger_rms_norm
 
     liger, why = liger_rms_norm()
@@ -765,7 +782,8 @@ def test_gpu_liger_rmsnorm_and_swiglu_match_the_torch_functions():
     y_ref = RMSNormFn.apply(x, w, 1e-6)
     y = liger(x, w, 1e-6, 0.0, "llama", False)
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
-    assert _liger_swiglu() is not None
+    kernels, why = liger_swiglu()
+    assert kernels is not None, why
 
 
 def _needs_kernel_libraries(*modules):

@@ -23,6 +23,7 @@ from .dequant import run_function
 from .lora import parts
 from .norm import stash, unstash
 from .patching import same_code
+from .settings import unusable
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -33,16 +34,17 @@ def _matmul_lora(x2, weight, A, B, s):
 
 
 @functools.lru_cache(maxsize=None)
-def _liger_swiglu():
-    """Liger's SwiGLU forward and backward once they ran on a small CUDA tensor here, else None (the torch path)."""
+def liger_swiglu():
+    """((Liger's SwiGLU forward, backward), "") once they ran on a small CUDA tensor here, else (None, why): the
+    torch path."""
     try:
         from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
 
         e, g = (torch.randn(2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         swiglu_backward(e, g, swiglu_forward(e.clone(), g.clone())[2])
-    except Exception:  # noqa: BLE001 - not installed, no CUDA, or Triton cannot compile it here
-        return None
-    return swiglu_forward, swiglu_backward
+    except Exception as exc:  # noqa: BLE001 - not installed, no CUDA, or Triton cannot compile it here
+        return None, unusable("liger-kernel's SwiGLU", exc)
+    return (swiglu_forward, swiglu_backward), ""
 
 
 class LoRASwiGLUFn(torch.autograd.Function):
@@ -77,7 +79,7 @@ class LoRASwiGLUFn(torch.autograd.Function):
             g = _matmul_lora(x2, weights["u"], uA, uB, us)
         # Liger's kernels in eager mode; compiled, the torch arithmetic below (inductor fuses it; dynamo does not
         # trace Liger's launcher)
-        liger = _liger_swiglu() if e.is_cuda and not torch.compiler.is_compiling() else None
+        liger = liger_swiglu()[0] if e.is_cuda and not torch.compiler.is_compiling() else None
         acc = torch.promote_types(dtype, torch.float32)  # half precision in float32, float64 as it is
         if liger is not None:
             h = liger[0](e, g)[2]

@@ -232,8 +232,11 @@ def plan(model, settings):
             recomputing = set()
             if settings.mlp == "recompute":
                 recomputing = set(checkpointing.chosen_layers(chosen, settings.mlp_layers))
+            liger, why = mlp.liger_swiglu() if on_cuda and not compiled else (None, "")
+            if why:
+                part.notes.append(f"the backward's SwiGLU in torch instead of Liger's kernels: {why}")
             part.how = "qadapt LoRASwiGLUFn (saves x, gate and up; silu(gate) * up recomputed in the backward" + (
-                ", Liger's SwiGLU kernels there)" if on_cuda and not compiled and mlp._liger_swiglu() else ")")
+                ", Liger's SwiGLU kernels there)" if liger else ")")
             if recomputing:
                 part.how += (f"; in {len(recomputing)} of the {len(chosen)} MLPs only x is saved, gate and up "
                              "recomputed in the backward")
