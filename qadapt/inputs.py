@@ -46,12 +46,38 @@ def check_model_folder(path: str) -> None:
                                  "Save the model again with save_pretrained")
     names = os.listdir(path)
     if any(name.endswith(".safetensors") or name.endswith(".safetensors.index.json") for name in names):
+        _check_safetensors(asked, path, names)
         return
     if any(name.lower().endswith(PICKLE_WEIGHTS) for name in names):
         raise InvalidOptionError(asked, "its weights are pickle files (.bin/.pt), which can run code when loaded; "
                                  "qadapt loads weights with safetensors only",
                                  "Convert them: model.save_pretrained(folder, safe_serialization=True)")
     raise InvalidOptionError(asked, "the folder holds no safetensors weights", "Save the model with save_pretrained")
+
+
+def _check_safetensors(asked: str, path: str, names: list) -> None:
+    """Every shard an index names is in the folder, and every weight file's header reads and covers the file: a
+    missing or truncated file is refused here, before any work, not as an error from the middle of the load."""
+    from safetensors import safe_open
+
+    again = "Copy the model folder again, or save it again with save_pretrained"
+    for index in sorted(name for name in names if name.endswith(".safetensors.index.json")):
+        try:
+            with open(os.path.join(path, index), encoding="utf-8") as handle:
+                shards = {str(shard) for shard in json.load(handle)["weight_map"].values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidOptionError(asked, f"its {index} is unreadable ({type(exc).__name__}: {exc})", again) from exc
+        missing = sorted(shards - set(names))
+        if missing:
+            raise InvalidOptionError(asked, f"{index} names weight files the folder does not hold: "
+                                     f"{', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""), again)
+    for name in sorted(name for name in names if name.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(path, name), framework="pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise InvalidOptionError(asked, f"its weight file {name} is damaged (truncated, or not safetensors: "
+                                     f"{type(exc).__name__}: {str(exc)[:200]})", again) from exc
 
 
 def refuse_converted(model, backend) -> None:

@@ -151,12 +151,22 @@ def folders(tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, pickled)
     os.remove(pickled / "model.safetensors")
     torch.save({}, pickled / "pytorch_model.bin")
+    truncated = tmp_path / "truncated"  # a copy or download that stopped half way
+    shutil.copytree(tiny_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    shard_missing = tmp_path / "shard-missing"
+    shutil.copytree(tiny_dir, shard_missing)
+    (shard_missing / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
     return {"empty": (empty, "no config.json"), "config-only": (config_only, "no safetensors weights"),
             "no-type": (no_type, "not a transformers config"), "list-config": (listed, "not a transformers config"),
-            "pickled": (pickled, "safetensors only")}
+            "pickled": (pickled, "safetensors only"), "truncated": (truncated, "model.safetensors is damaged"),
+            "shard-missing": (shard_missing, "names weight files the folder does not hold: model-00002-of-00002")}
 
 
-@pytest.mark.parametrize("kind", ["empty", "config-only", "no-type", "list-config", "pickled"])
+@pytest.mark.parametrize("kind", ["empty", "config-only", "no-type", "list-config", "pickled", "truncated",
+                                  "shard-missing"])
 def test_folders_that_are_not_models_are_refused(folders, kind):
     """Was: ValueError/OSError from transformers (issue 15, 11)."""
     backend_ready("hqq")
