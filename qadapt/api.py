@@ -93,6 +93,8 @@ def load(model: Any, backend: str | None = None, *, calibration: Any = None, tok
         backend = claim.backend.name
         quant = ready_backend(backend, f"load {model!r} with backend '{backend}'")
     else:
+        if isinstance(model, str):
+            inputs.check_folder_weights(model)
         if backend is None:
             raise InvalidOptionError(
                 "load without a backend",

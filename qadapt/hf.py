@@ -514,6 +514,36 @@ def checkpoint_shape(path):
         return AutoModelForCausalLM.from_config(config)
 
 
+def unmatched_weights(path) -> tuple[list, list]:
+    """``(missing, unexpected)`` for a full-precision folder. ``missing`` lists the model's weights that the folder
+    does not hold, or holds in another shape or as integers. ``unexpected`` lists the folder's tensors that the model
+    has no place for. transformers' own loader matches them, with its key renames and expert conversions, on the meta
+    device, so no weight is read. transformers would start a missing weight at random, saying so only in a log line."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    _, info = AutoModelForCausalLM.from_pretrained(path, device_map="meta", output_loading_info=True,
+                                                   use_safetensors=True, ignore_mismatched_sizes=True)
+    missing = set(info.get("missing_keys") or ())
+    missing |= {entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys") or ()}
+    missing |= set(_integer_weights(path))
+    return sorted(missing), sorted(info.get("unexpected_keys") or ())
+
+
+def _integer_weights(path) -> list:
+    """The ``*.weight`` tensors that a folder's safetensors headers give an integer dtype. In a full-precision folder
+    these are a quantized layer's codes, which transformers would cast to floats."""
+    from safetensors import safe_open
+
+    found = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="pt") as handle:
+                found += [key for key in handle.keys() if key.endswith(".weight")
+                          and handle.get_slice(key).get_dtype() in ("I8", "U8", "I16", "I32", "I64", "BOOL")]
+    return found
+
+
 def _version(distribution: str) -> str | None:
     import importlib.metadata
 

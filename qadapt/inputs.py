@@ -80,6 +80,29 @@ def _check_safetensors(asked: str, path: str, names: list) -> None:
                                      f"{type(exc).__name__}: {str(exc)[:200]})", again) from exc
 
 
+def check_folder_weights(path: str) -> None:
+    """Every weight of the model that a full-precision folder describes is in its files. A missing one would be
+    started at random by transformers and then quantized, which looks like any other load. One way to get such a
+    folder: ``save_pretrained`` of a model whose backend replaces layers (hqq, eetq, inc) writes their
+    quantized tensors without a ``quantization_config``."""
+    from .hf import unmatched_weights
+
+    missing, unexpected = unmatched_weights(path)
+    if not missing:
+        return
+    why = (f"{len(missing)} of the model's weights are missing from the folder, or held there in another shape or as "
+           f"integers ({_few(missing)}); transformers would start them at random")
+    if unexpected:
+        why += (f". The folder holds {len(unexpected)} tensors that the model has no place for ({_few(unexpected)}), "
+                "as a quantized model saved with save_pretrained but without its quantization_config would")
+    raise InvalidOptionError(f"load {path!r}", why, "Pass the full-precision folder the model came from, or save a "
+                             "quantized model with qadapt.save(model, path) and load that folder")
+
+
+def _few(names: list, shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+
+
 def refuse_converted(model, backend) -> None:
     """An in-memory model that is already quantized (by qadapt, by transformers or by any registered backend's
     layers) or carries a PEFT adapter cannot be converted again: refused before anything changes."""

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import qadapt
 from qadapt.testing import toy
@@ -159,20 +160,61 @@ def folders(tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, shard_missing)
     (shard_missing / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    weight_missing = tmp_path / "weight-missing"  # a hand-edited or half-converted folder
+    shutil.copytree(tiny_dir, weight_missing)
+    state = load_file(weight_missing / "model.safetensors")
+    del state["model.layers.0.mlp.up_proj.weight"]
+    save_file(state, weight_missing / "model.safetensors", metadata={"format": "pt"})
     return {"empty": (empty, "no config.json"), "config-only": (config_only, "no safetensors weights"),
             "no-type": (no_type, "not a transformers config"), "list-config": (listed, "not a transformers config"),
             "pickled": (pickled, "safetensors only"), "truncated": (truncated, "model.safetensors is damaged"),
-            "shard-missing": (shard_missing, "names weight files the folder does not hold: model-00002-of-00002")}
+            "shard-missing": (shard_missing, "names weight files the folder does not hold: model-00002-of-00002"),
+            "weight-missing": (weight_missing, "1 of the model's weights are missing from the folder, or held there "
+                               r"in another shape or as integers \(model.layers.0.mlp.up_proj.weight\); transformers "
+                               "would start them at random")}
 
 
 @pytest.mark.parametrize("kind", ["empty", "config-only", "no-type", "list-config", "pickled", "truncated",
-                                  "shard-missing"])
+                                  "shard-missing", "weight-missing"])
 def test_folders_that_are_not_models_are_refused(folders, kind):
     """Was: ValueError/OSError from transformers (issue 15, 11)."""
     backend_ready("hqq")
     folder, match = folders[kind]
     before = tree(folder)
     with pytest.raises(qadapt.InvalidOptionError, match=match):
+        qadapt.load(folder, backend="hqq")
+    assert tree(folder) == before
+
+
+def test_a_quantized_model_saved_without_its_quantization_config_is_not_quantized_again(tmp_path, tiny_dir):
+    """Was: ``save_pretrained`` of an HQQ model writes HQQ's tensors and no quantization_config, and
+    ``qadapt.load(folder, backend="hqq")`` quantized a model whose every layer transformers had started at random,
+    reporting a normal load."""
+    backend_ready("hqq")
+    folder = tmp_path / "saved-pretrained"
+    qadapt.load(tiny_dir, backend="hqq").save_pretrained(folder)
+    before = tree(folder)
+    for backend in ("hqq", None):
+        with pytest.raises(qadapt.InvalidOptionError, match=r"(?s)14 of the model's weights are missing from the "
+                           r"folder.*W_q.*without its quantization_config.*qadapt.save"):
+            qadapt.load(folder, backend=backend)
+    assert tree(folder) == before
+
+
+@pytest.mark.parametrize("change", ["int8 codes", "transposed"])
+def test_weights_held_as_integers_or_in_another_shape_are_not_loaded_as_floats(tmp_path, tiny_dir, change):
+    """A full-precision folder whose weight is a quantized layer's int8 codes (what save_pretrained of an EETQ model
+    writes, transposed): transformers would cast the codes to floats, or start a weight of another shape at random."""
+    backend_ready("hqq")
+    folder = tmp_path / "changed"
+    shutil.copytree(tiny_dir, folder)
+    state = load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    weight = state[name]
+    state[name] = weight.to(torch.int8) if change == "int8 codes" else weight.t().contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    before = tree(folder)
+    with pytest.raises(qadapt.InvalidOptionError, match=f"1 of the model's weights .* as integers \\({name}\\)"):
         qadapt.load(folder, backend="hqq")
     assert tree(folder) == before
 
