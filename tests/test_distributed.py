@@ -221,6 +221,21 @@ def test_torchao_nf4_is_refused_in_one_process_and_on_shapes_that_do_not_split(t
 
 
 # ---------------------------------------------------------------------------------------------- refusals (one process)
+def test_a_folder_missing_a_weight_is_refused_before_any_rank_streams(tmp_path, tiny_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    backend_ready("bnb")
+    folder = tmp_path / "weight-missing"
+    shutil.copytree(tiny_dir, folder)
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.self_attn.o_proj.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InvalidOptionError, match="1 of the model's weights are missing .*layers.1.self_attn.o_proj"):
+        qd.load_sharded(folder, "bnb", adapter={"r": 8})  # before the launch is checked: no process group needed
+
+
 @pytest.fixture
 def bnb_lora(tiny_dir):
     backend_ready("bnb")

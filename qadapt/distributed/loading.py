@@ -41,6 +41,7 @@ def load_sharded(path, backend: str, *, method: str = "lora", target_modules="al
     from ..backend import QuantBackend
     from ..checkpoint import is_checkpoint
     from ..hf import default_device, model_dtype, quiet_transformers, replace_module
+    from ..inputs import check_folder_weights, check_model_folder
     from ..plugins import ready_backend
     from ..record import Record, base_model, set_record
     from .launch import check_launch
@@ -54,7 +55,10 @@ def load_sharded(path, backend: str, *, method: str = "lora", target_modules="al
         raise InvalidOptionError(asked, "not a transformers folder (qadapt never downloads models)" if not
                                  os.path.isdir(path) else "this is a qadapt checkpoint",
                                  "Pass the full-precision folder the model was made from")
+    check_model_folder(path)  # safetensors weights whose files are whole
     prequantized = quant.folder_options(path) is not None
+    if not prequantized:
+        check_folder_weights(path)  # every weight of the model there, before any rank streams a tensor
     if prequantized or quant.needs_calibration(resolved):
         raise IncompatibleError(asked, "the folder is quantized already" if prequantized else
                                 f"'{backend}' needs calibration data to quantize",
