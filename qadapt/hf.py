@@ -522,8 +522,9 @@ def unmatched_weights(path) -> tuple[list, list]:
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    _, info = AutoModelForCausalLM.from_pretrained(path, device_map="meta", output_loading_info=True,
-                                                   use_safetensors=True, ignore_mismatched_sizes=True)
+    _, info = AutoModelForCausalLM.from_pretrained(path, config=load_config(path), device_map="meta",
+                                                   output_loading_info=True, use_safetensors=True,
+                                                   ignore_mismatched_sizes=True)
     missing = set(info.get("missing_keys") or ())
     missing |= {entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys") or ()}
     missing |= set(_integer_weights(path))
