@@ -96,6 +96,20 @@ def test_inspect_says_what_a_checkpoint_holds(trained_checkpoint, capsys):
         "lm_head": "kept by design: output head: kept in full precision, as transformers' quantizers do"}
 
 
+def test_inspect_says_when_a_folder_lacks_its_models_weights(tiny_dir, tmp_path, capsys):
+    """An HQQ model's save_pretrained folder: HQQ's tensors, no quantization_config. It is not loaded (the weights
+    transformers would start at random are named), as qadapt.load refuses it."""
+    import qadapt
+
+    backend_ready("hqq")
+    folder = tmp_path / "saved-pretrained"
+    qadapt.load(str(tiny_dir), backend="hqq").save_pretrained(folder)
+    assert main(["inspect", str(folder), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["loaded"] is False and found["quantization"] is None
+    assert "14 of the model's weights are missing from the folder" in found["note"] and "W_q" in found["note"]
+
+
 def test_merge_refused_above_max_error_writes_nothing_and_exits_2(trained_checkpoint, capsys):
     path, root = trained_checkpoint
     assert main(["merge", str(path), str(root / "refused"), "--max-error", "1e-9", "--json"]) == 2

@@ -79,8 +79,15 @@ def _loaded(folder: str, found: dict) -> dict:
     elif found.get("quantization") or found.get("note"):
         return {"loaded": False}  # quantized in a format no registered backend reads (the note says why)
     else:
+        from qadapt.errors import QadaptError
         from qadapt.hf import load_full_precision
+        from qadapt.inputs import check_folder_weights, check_model_folder
 
+        try:  # what qadapt.load refuses to read is described, not loaded
+            check_model_folder(folder)
+            check_folder_weights(folder)
+        except QadaptError as refusal:
+            return {"loaded": False, "note": str(refusal)}
         model = load_full_precision(folder, gpu=False)
     backend = backend_of(get_record(model))
     inner = base_model(model)
