@@ -526,7 +526,7 @@ def unmatched_weights(path) -> tuple[list, list]:
                                                    output_loading_info=True, use_safetensors=True,
                                                    ignore_mismatched_sizes=True)
     missing = set(info.get("missing_keys") or ())
-    missing |= {entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys") or ()}
+    missing |= {key for key, *_shapes in info.get("mismatched_keys") or ()}  # (name, shape held, shape expected)
     missing |= set(_integer_weights(path))
     return sorted(missing), sorted(info.get("unexpected_keys") or ())
 

@@ -69,8 +69,8 @@ def _check_safetensors(asked: str, path: str, names: list) -> None:
             raise InvalidOptionError(asked, f"its {index} is unreadable ({type(exc).__name__}: {exc})", again) from exc
         missing = sorted(shards - set(names))
         if missing:
-            raise InvalidOptionError(asked, f"{index} names weight files the folder does not hold: "
-                                     f"{', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""), again)
+            raise InvalidOptionError(asked, f"{index} names weight files the folder does not hold: {_few(missing)}",
+                                     again)
     for name in sorted(name for name in names if name.endswith(".safetensors")):
         try:
             with safe_open(os.path.join(path, name), framework="pt"):
